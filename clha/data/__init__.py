@@ -1,0 +1,1 @@
+"""Data formats of the project: raw HH-RLHF dialogues, ranked JSONL examples, tokenisation."""
