@@ -1,0 +1,238 @@
+"""The trainer end to end on a tiny model: training, checkpoints, validation, resume after SIGKILL, errors."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clha.config import TrainConfig, parse_config
+from clha.data.format import write_ranked
+from clha.data.order import epoch_order, micro_batch, steps_per_epoch
+from clha.errors import InputError
+from tests.conftest import REPO, make_ranked_rows
+
+
+# ---------------------------------------------------------------- data order
+def test_epoch_order_covers_every_example_once_per_epoch():
+    n, bs, world, accum = 23, 2, 2, 3
+    order = epoch_order(n, 0, 42, bs, world, accum)
+    steps = steps_per_epoch(n, bs, world, accum)
+    assert steps == 2 and len(order) == 24
+    seen = [i for s in range(steps) for m in range(accum) for r in range(world)
+            for i in micro_batch(order, s, m, r, bs, world, accum)]
+    assert sorted(seen[:n]) == list(range(n)) or sorted(set(seen)) == list(range(n))
+    assert sorted(set(seen)) == list(range(n))      # nothing skipped
+    assert len(seen) - len(set(seen)) == 24 - 23     # only the wrap-around pad repeats
+    # a different epoch gives a different permutation; the same epoch the same one
+    assert not np.array_equal(order, epoch_order(n, 1, 42, bs, world, accum))
+    assert np.array_equal(order, epoch_order(n, 0, 42, bs, world, accum))
+
+
+def test_ranks_get_disjoint_shares():
+    order = epoch_order(40, 0, 1, 2, 4, 1)
+    shares = [set(micro_batch(order, 0, 0, r, 2, 4, 1)) for r in range(4)]
+    assert sum(len(s) for s in shares) == len(set().union(*shares)) == 8
+
+
+# ---------------------------------------------------------------- config
+def test_seed_arguments_parse_with_their_meaning():
+    cfg = parse_config(["--task", "hh", "--train_file_path", "d", "--validation_file_path", "v",
+                        "--validation_file_name", "sampled_dev.json", "--output_dir", "o", "--log_path", "l",
+                        "--index", "7", "--seed", "1", "--temperature", "1", "--sft_weight", "0.05",
+                        "--num_train_epochs", "2", "--training_stage_num", "2", "--block_size", "512",
+                        "--learning_rate", "5e-6", "--per_device_train_batch_size", "2",
+                        "--per_device_eval_batch_size", "28", "--model_name_or_path", "m", "--do_train",
+                        "--do_validation", "--gradient_accumulation_steps", "8", "--checkpointing_step", "600",
+                        "--max_train_steps", "10", "--reward_model", "rm"])
+    assert cfg.do_train and cfg.do_validation and cfg.gradient_accumulation_steps == 8
+    assert cfg.learning_rate == 5e-6 and cfg.loss_type == "clha" and cfg.max_train_steps == 10
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_validation_without_reward_model_is_refused():
+    cfg = TrainConfig(model_name_or_path="m", do_validation=True, validation_file_path="v",
+                      validation_file_name="f.json")
+    with pytest.raises(InputError, match="reward_model"):
+        cfg.validate()
+
+
+# ---------------------------------------------------------------- end to end
+def _write_data(tmp: Path, num=24, n=2, seed=0) -> Path:
+    path = tmp / "train" / "train.json"
+    write_ranked(path, make_ranked_rows(num, n=n, seed=seed))
+    return path
+
+
+def _args(model, data, out, logs, steps, extra=()):
+    return ["--model_name_or_path", model, "--train_file_path", str(data), "--output_dir", str(out),
+            "--log_path", str(logs), "--do_train", "--max_train_steps", str(steps), "--block_size", "160",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
+            "--checkpointing_step", "2", "--seed", "3", "--no-save_epoch_checkpoints", "--num_train_epochs", "10",
+            "--reward_gap_threshold", "1.0", "--rank_margin", "1.0", *extra]
+
+
+def _run_main(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, str(REPO / "train" / "main.py"), *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _rows(path: Path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _weights(ckpt: Path):
+    from safetensors.torch import load_file
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_lm_dir):
+    data = _write_data(tmp_path)
+    steps = 8
+    # Uninterrupted reference run.
+    ref = _run_main(_args(tiny_lm_dir, data, tmp_path / "a", tmp_path / "la", steps))
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+    # Same run, killed with SIGKILL at a random step, then resumed.
+    kill_after = random.Random().randint(3, 6)
+    proc = _run_main(_args(tiny_lm_dir, data, tmp_path / "b", tmp_path / "lb", steps))
+    metrics = tmp_path / "lb" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(_rows(metrics)) >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed (step {kill_after})"
+    resumed = _run_main(_args(tiny_lm_dir, data, tmp_path / "b", tmp_path / "lb", steps,
+                              ["--resume_from_checkpoint", "latest"]))
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+
+    a_metrics, b_metrics = _rows(tmp_path / "la" / "metrics.jsonl"), _rows(metrics)
+    assert [m["step"] for m in b_metrics] == list(range(1, steps + 1))  # each step logged once
+    assert b_metrics[-1]["loss"] == pytest.approx(a_metrics[-1]["loss"], rel=1e-5, abs=1e-6)
+    # no example skipped or repeated: the data order of every step is that of the uninterrupted run
+    assert _rows(tmp_path / "lb" / "data_order.jsonl") == _rows(tmp_path / "la" / "data_order.jsonl")
+    wa, wb = _weights(tmp_path / "a" / f"step_{steps}"), _weights(tmp_path / "b" / f"step_{steps}")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
+
+
+def test_training_lowers_loss_and_writes_checkpoints(tmp_path, tiny_lm_dir):
+    from clha.trainer import run_training
+
+    data = _write_data(tmp_path, num=8)
+    cfg = parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 12,
+                             ["--gradient_accumulation_steps", "1", "--checkpointing_step", "6"]))
+    summary = run_training(cfg)
+    assert summary["global_step"] == 12
+    rows = _rows(tmp_path / "l" / "metrics.jsonl")
+    for key in ("loss", "rank_loss", "sft_loss", "rank_accuracy", "chosen_mean_logp", "rejected_mean_logp",
+                "logp_margin", "masked_pair_fraction", "lr", "grad_norm", "tokens_per_s"):
+        assert key in rows[0], key
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[-1]["logp_margin"] > rows[0]["logp_margin"]
+    for name in ("step_6", "step_12"):
+        ck = tmp_path / "o" / name
+        assert (ck / "model.safetensors").exists() and (ck / "clha_config.json").exists()
+        assert (ck / "tokenizer_config.json").exists()
+    assert json.loads((tmp_path / "o" / "clha_config.json").read_text())["loss_type"] == "clha"
+    assert list((tmp_path / "l" / "tensorboard").iterdir())
+
+
+def test_validation_keeps_best_checkpoint(tmp_path, tiny_lm_dir):
+    from clha.tiny_reward import save_tiny_seqcls_reward_model
+    from clha.trainer import run_training
+
+    data = _write_data(tmp_path, num=8)
+    dev = tmp_path / "dev" / "dev.json"
+    write_ranked(dev, make_ranked_rows(5, seed=9))
+    rm = save_tiny_seqcls_reward_model(tmp_path / "rm", seed=1)
+    cfg = parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 4,
+                             ["--do_validation", "--validation_file_path", str(dev.parent),
+                              "--validation_file_name", "dev.json", "--reward_model", str(rm),
+                              "--max_new_tokens", "8", "--gradient_accumulation_steps", "1"]))
+    summary = run_training(cfg)
+    val = _rows(tmp_path / "l" / "validation.jsonl")
+    assert [v["step"] for v in val] == [0, 2, 4]
+    best = max(val, key=lambda v: v["dev_reward"])
+    link = tmp_path / "o" / "best_checkpoint"
+    assert link.is_symlink() and os.readlink(link) == f"step_{best['step']}"
+    assert summary["best_reward"] == pytest.approx(best["dev_reward"])
+    assert (link / "model.safetensors").exists()
+    gens = _rows(tmp_path / "l" / "dev_generations_step_0.jsonl")
+    assert [g["index"] for g in gens] == list(range(5))
+
+
+@pytest.mark.parametrize("loss_type", ["sft", "pro", "rrhf", "dpo"])
+def test_baselines_train_in_the_same_trainer(tmp_path, tiny_lm_dir, loss_type):
+    from clha.trainer import run_training
+
+    data = _write_data(tmp_path, num=6, n=3)
+    cfg = parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 3,
+                             ["--loss_type", loss_type, "--training_stage_num", "3",
+                              "--gradient_accumulation_steps", "1", "--checkpointing_step", "100"]))
+    summary = run_training(cfg)
+    rows = _rows(tmp_path / "l" / "metrics.jsonl")
+    assert summary["global_step"] == 3 and len(rows) == 3
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_nonfinite_loss_stops_with_step_and_saves_nothing(tmp_path, tiny_lm_dir, monkeypatch):
+    import clha.losses
+    from clha.trainer import NonFiniteLossError, run_training
+
+    real = clha.losses.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(clha.losses, "compute_loss", poisoned)
+    data = _write_data(tmp_path, num=8)
+    cfg = parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 6,
+                             ["--gradient_accumulation_steps", "1", "--checkpointing_step", "2"]))
+    with pytest.raises(NonFiniteLossError, match="optimizer step 3"):
+        run_training(cfg)
+    saved = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert "step_2" in saved and "step_3" not in saved and not any(s.startswith(".") for s in saved)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    from clha.trainer import run_training
+
+    data = _write_data(tmp_path, num=2)
+    cfg = parse_config(_args(str(tmp_path / "no_such_model"), data, tmp_path / "o", tmp_path / "l", 1))
+    with pytest.raises(InputError, match="no_such_model.*model path does not exist"):
+        run_training(cfg)
+
+
+def test_bad_training_row_names_file_line_and_field(tmp_path, tiny_lm_dir):
+    from clha.trainer import run_training
+
+    data = _write_data(tmp_path, num=3)
+    lines = data.read_text().splitlines()
+    row = json.loads(lines[1])
+    del row["reward"]
+    lines[1] = json.dumps(row)
+    data.write_text("\n".join(lines) + "\n")
+    cfg = parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 1))
+    with pytest.raises(InputError, match=r"train\.json:2: field 'reward'"):
+        run_training(cfg)
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,36 @@
+"""Step 3: score the test pairs, one file per subset, candidates in human order (see docs/preprocessing.md).
+
+    python train/hh_preprocess_data/step_3_gen_test_data.py --precomputed_rewards ../shared/data/pro-format/hh_test
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from clha.data.preprocess import (add_reward_args, add_subset_arg, path_or_default,  # noqa: E402
+                                  reward_source_from_args, run_cli, step3_test_data)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--in_dir", default=None,
+                        help="step-1 output folder (default: <repo>/data/preprocessed_data/hhrlhf)")
+    parser.add_argument("--out_dir", default=None,
+                        help="folder for <stem>.json test files (default: <repo>/data/hh_test)")
+    add_subset_arg(parser)
+    add_reward_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rewards = reward_source_from_args(args)
+    step3_test_data(path_or_default(args.in_dir, ROOT, "data/preprocessed_data/hhrlhf"),
+                    path_or_default(args.out_dir, ROOT, "data/hh_test"), rewards, subsets=args.subsets)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
