@@ -195,8 +195,8 @@ def run(out_dir: str = "demo_out", seed: int = 42, quick: bool = False) -> Dict:
     clha = TrainConfig(**{**common, "model_name_or_path": str(sft_ckpt)}, loss_type="clha", training_stage_num=2,
                        train_file_path=paths["clha"], validation_file_path=str(Path(paths["dev"]).parent),
                        validation_file_name=Path(paths["dev"]).name, do_validation=True,
-                       reward_model=paths["reward_model"], learning_rate=1e-3, num_train_epochs=100,
-                       max_train_steps=30 if quick else 120, checkpointing_step=10 if quick else 20,
+                       reward_model=paths["reward_model"], learning_rate=3e-4, num_train_epochs=100,
+                       max_train_steps=30 if quick else 100, checkpointing_step=10,
                        rank_margin=1.0, reward_gap_threshold=1.0, sft_weight=0.05,
                        output_dir=str(out / "checkpoints" / "clha"), log_path=str(out / "logs" / "clha"))
     log("CLHA training with validation ...")
@@ -229,6 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps (used by the tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # accelerate warns that tied embeddings are stored once in the resumable state; that is expected.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     run(args.out_dir, args.seed, args.quick)
     return 0
 

@@ -235,7 +235,8 @@ class Trainer:
                 self.pos.global_step += 1
                 self.pos.step_in_epoch += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rank_accuracy']:.2f}")
+                acc_text = "-" if metrics["rank_accuracy"] is None else f"{metrics['rank_accuracy']:.2f}"
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=acc_text)
                 if self.pos.global_step % cfg.logging_steps == 0:
                     self._log_metrics(metrics)
                 at_end = self.pos.global_step == self.total_steps
@@ -288,6 +289,9 @@ class Trainer:
         self.scheduler.step()
         metrics = {k: v / cfg.gradient_accumulation_steps for k, v in sums.items()}
         metrics = self._mean_over_processes(metrics)
+        # accuracy over all valid pairs of the step (undefined, logged as null, when every pair was masked)
+        valid = metrics.get("num_valid_pairs", 0.0)
+        metrics["rank_accuracy"] = metrics.get("num_correct_pairs", 0.0) / valid if valid > 0 else None
         total_tokens = self._sum_over_processes(tokens)
         elapsed = time.perf_counter() - start
         metrics.update(step=self.pos.global_step + 1, epoch=self.pos.epoch, lr=self.scheduler.get_last_lr()[0],
@@ -367,7 +371,10 @@ class Trainer:
         acc = self.accelerator
         final = Path(self.cfg.output_dir) / name
         tmp = final.with_name(f".{name}.tmp")
-        state = acc.get_state_dict(self.model)
+        from accelerate.utils import DistributedType
+
+        # Only DeepSpeed needs the gathered state dict; elsewhere save_pretrained handles tied weights itself.
+        state = acc.get_state_dict(self.model) if acc.distributed_type == DistributedType.DEEPSPEED else None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
@@ -426,7 +433,7 @@ class Trainer:
         with open(Path(self.cfg.log_path) / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
         for key, value in metrics.items():
-            if key not in ("step", "epoch") and isinstance(value, (int, float)):
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb_scalar(f"train/{key}", value, metrics["step"])
 
     def _tb_scalar(self, tag: str, value: float, step: int) -> None:
@@ -469,8 +476,9 @@ class Trainer:
 
     def _progress(self, iterable, desc: str, initial: int = 0):
         from tqdm.auto import tqdm
+        import sys
         return tqdm(iterable, desc=desc, initial=initial, disable=not self.accelerator.is_main_process,
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 5.0)
 
     def _mean_over_processes(self, metrics: Dict[str, float]) -> Dict[str, float]:
         if self.accelerator.num_processes == 1:
@@ -488,15 +496,12 @@ class Trainer:
 
 
 def _loss_metrics(out, scores) -> Dict[str, float]:
-    """Scalar diagnostics of one micro-batch."""
+    """Scalar diagnostics of one micro-batch (rank accuracy is formed per step from the pair counts)."""
     metrics = {"loss": out.loss, "rank_loss": out.rank_loss, "sft_loss": out.sft_loss,
-               "rank_accuracy": out.rank_accuracy, "masked_pair_fraction": out.masked_pair_fraction,
-               "num_valid_pairs": out.num_valid_pairs}
-    mean = scores.mean_logps.detach()
-    metrics["chosen_mean_logp"] = mean[:, 0].mean()
-    if mean.shape[1] > 1:
-        metrics["rejected_mean_logp"] = mean[:, 1:].mean()
-        metrics["logp_margin"] = (mean[:, 0] - mean[:, 1:].mean(dim=1)).mean()
+               "masked_pair_fraction": out.masked_pair_fraction, "num_valid_pairs": out.num_valid_pairs,
+               "num_correct_pairs": out.num_correct_pairs, "chosen_mean_logp": out.chosen_logps,
+               "rejected_mean_logp": out.rejected_logps, "logp_margin": out.margin}
+    metrics.update(out.extra)
     return {k: float(v.detach().float().item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
 
 

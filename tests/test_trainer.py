@@ -236,3 +236,18 @@ def test_bad_training_row_names_file_line_and_field(tmp_path, tiny_lm_dir):
     with pytest.raises(InputError, match=r"train\.json:2: field 'reward'"):
         run_training(cfg)
     assert not (tmp_path / "o").exists()
+
+
+def test_fully_masked_batches_log_no_accuracy_and_train_only_sft(tmp_path, tiny_lm_dir):
+    from clha.trainer import run_training
+
+    data = _write_data(tmp_path, num=6)
+    cfg = parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 2,
+                             ["--reward_gap_threshold", "100", "--gradient_accumulation_steps", "1"]))
+    run_training(cfg)
+    text = (tmp_path / "l" / "metrics.jsonl").read_text()
+    assert "NaN" not in text
+    rows = _rows(tmp_path / "l" / "metrics.jsonl")
+    assert all(r["rank_accuracy"] is None and r["rank_loss"] == 0.0 and r["masked_pair_fraction"] == 1.0
+               for r in rows)
+    assert all(r["loss"] == pytest.approx(r["sft_loss"]) for r in rows)
