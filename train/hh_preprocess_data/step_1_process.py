@@ -1,6 +1,6 @@
 """Step 1: split raw HH-RLHF dialogues into prompt turns + [chosen, rejected] (see docs/preprocessing.md).
 
-    python train/hh_preprocess_data/step_1_process.py                       # data/raw_data/hhrlhf -> data/preprocessed_data/hhrlhf
+    python train/hh_preprocess_data/step_1_process.py     # data/raw_data/hhrlhf -> data/preprocessed_data/hhrlhf
     python train/hh_preprocess_data/step_1_process.py --raw_dir ../shared/data/hh-rlhf --partition
 """
 

@@ -1,0 +1,448 @@
+"""The three HH-RLHF preprocessing steps as functions; `train/hh_preprocess_data/step_*.py` are thin CLIs.
+
+Step 1 (`step1_process`): raw `<raw_dir>/<subset>/{train,test}.jsonl[.gz]` -> one ranked-format file per subset
+and split, `<out_dir>/<subset>/<split>.json` (JSONL): candidates in human order [chosen, rejected], reward
+[0.0, 0.0] (not scored yet), plus `<out_dir>/manifest.json` listing the files, their role and the counts.
+With a `PartitionConfig` the pairs of all files are carved into disjoint prompt-grouped partitions instead
+(`<out_dir>/<subset>/{policy_train,rm_train,dev,test}.json`, see `clha.data.splits`).
+
+Step 2 (`step2_train_data`): the `train` role rows (raw train split, or the policy_train partition), scored
+and re-ranked by reward (best first, `sft_index` 0, pairs with identical candidates dropped), shuffled with the
+seed -> `data/hh_train_len2/train.json`; and a seeded dev sample of distinct prompts drawn across subsets from
+the `dev` role rows (the dev partition; without partitions, the raw test split, as the reference did) ->
+`data/hh_dev/sampled_dev.json`.
+
+Step 3 (`step3_test_data`): the `test` role rows of each subset, scored, candidates in human order (chosen
+first), raw line order -> `data/hh_test/<stem>.json`.
+
+Rewards come from a `RewardSource`: stored rewards (`PrecomputedRewards`, matched by subset and raw test-file
+line) and/or a reward model (`clha.reward.load_reward_model`, imported only when needed). With both, stored
+rewards are used where a row has them and the model scores the rest.
+
+Every step reads and checks all of its input and computes all of its rewards before it writes anything;
+each file is written atomically (temporary name, then rename). Same input -> same output bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from clha.data.format import RankedExample, read_ranked, write_ranked
+from clha.data.hh_raw import (RAW_SPLITS, RAW_SUBSETS, SUBSET_STEMS, RawPair, RawStats, canonical_subset,
+                              read_raw_dir)
+from clha.data.precomputed import PrecomputedRewards
+from clha.data.splits import PARTITIONS, PartitionConfig, partition_pairs, partition_sizes
+from clha.errors import InputError
+from clha.fileio import write_json
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "clha-hh-step1/1"
+# Which step uses the rows of a step-1 file.
+SPLIT_ROLES = {"train": "train", "test": "test"}
+PARTITION_ROLES = {"policy_train": "train", "rm_train": "rm_train", "dev": "dev", "test": "test"}
+DEFAULT_DEV_SIZE = 280
+DEFAULT_SEED = 42
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step 1
+# ---------------------------------------------------------------------------------------------------------------
+
+def pair_to_example(pair: RawPair, partition: Optional[str] = None) -> RankedExample:
+    meta = {"source": pair.subset, "split": pair.split, "line_num": pair.line_num, "file": pair.file}
+    if partition is not None:
+        meta["partition"] = partition
+    return RankedExample(prefix=[list(pair.prompt), list(pair.prompt)], suffix=[pair.chosen, pair.rejected],
+                         reward=[0.0, 0.0], sft_index=0, meta=meta)
+
+
+def step1_process(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  subsets: Optional[Sequence[str]] = None, splits: Sequence[str] = RAW_SPLITS,
+                  partition: Optional[PartitionConfig] = None, skip_broken: bool = False) -> Dict:
+    """Run step 1; returns the manifest (also written to `<out_dir>/manifest.json`)."""
+    pairs, stats = read_raw_dir(raw_dir, subsets, splits, skip_broken)
+    groups: Dict[Tuple[str, str], List[RankedExample]] = {}
+    if partition is None:
+        mode, roles = "raw_splits", SPLIT_ROLES
+        for pair in pairs:
+            groups.setdefault((pair.subset, pair.split), []).append(pair_to_example(pair))
+        sizes = None
+    else:
+        mode, roles = "partitioned", PARTITION_ROLES
+        parts = partition_pairs(pairs, partition)
+        for name in PARTITIONS:
+            for pair in parts[name]:
+                groups.setdefault((pair.subset, name), []).append(pair_to_example(pair, name))
+        sizes = {"total": partition_sizes(parts), "by_subset": {
+            subset: {name: sum(1 for p in parts[name] if p.subset == subset) for name in PARTITIONS}
+            for subset in RAW_SUBSETS if any(p.subset == subset for p in pairs)}}
+        logger.info("partition sizes (pairs): %s", sizes["total"])
+
+    order = list(RAW_SPLITS) if partition is None else list(PARTITIONS)
+    keys = sorted(groups, key=lambda k: (RAW_SUBSETS.index(k[0]), order.index(k[1])))
+    total = RawStats()
+    for s in stats.values():
+        total.add(s)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "mode": mode,
+        "raw_dir": str(raw_dir),
+        "partition": None if partition is None else partition.to_json(),
+        "files": [{"subset": subset, "split": split, "role": roles[split], "path": f"{subset}/{split}.json",
+                   "rows": len(groups[(subset, split)])} for subset, split in keys],
+        "raw_files": {rel: s.as_dict() for rel, s in stats.items()},
+        "totals": total.as_dict(),
+        "partition_sizes": sizes,
+    }
+    out_dir = Path(out_dir)
+    for (subset, split) in keys:
+        write_ranked(out_dir / subset / f"{split}.json", groups[(subset, split)])
+    write_json(out_dir / MANIFEST, manifest)
+    logger.info("step 1: %d pairs from %d raw rows -> %d files in %s (%s)", total.counts["pairs"],
+                total.counts["rows"], len(keys), out_dir, total.summary())
+    return manifest
+
+
+def load_manifest(in_dir: str | os.PathLike) -> Dict:
+    in_dir = Path(in_dir)
+    if not in_dir.is_dir():
+        raise InputError("step-1 output directory does not exist (run step_1_process.py first)", path=in_dir)
+    path = in_dir / MANIFEST
+    if not path.is_file():
+        raise InputError(f"no {MANIFEST}: not a step-1 output directory (run step_1_process.py first)", path=in_dir)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"malformed JSON: {err.msg}", path=path, line=err.lineno) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise InputError(f"not a {MANIFEST_FORMAT} manifest", path=path, field="format")
+    return manifest
+
+
+def load_step1_rows(in_dir: str | os.PathLike, role: str, subsets: Optional[Sequence[str]] = None
+                    ) -> Dict[str, List[RankedExample]]:
+    """The step-1 rows of one role ("train", "dev", "test", "rm_train"), per subset, in manifest order."""
+    in_dir = Path(in_dir)
+    manifest = load_manifest(in_dir)
+    wanted = None if not subsets else {canonical_subset(s) for s in subsets}
+    rows: Dict[str, List[RankedExample]] = {}
+    for entry in manifest["files"]:
+        if entry["role"] != role or (wanted is not None and entry["subset"] not in wanted):
+            continue
+        path = in_dir / entry["path"]
+        if not path.is_file():
+            raise InputError("listed in the manifest but missing (rerun step 1)", path=path)
+        rows.setdefault(entry["subset"], []).extend(read_ranked(path, require_reward=False, expected_n=2))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rewards
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RewardSource:
+    """Where rewards come from: stored rewards for raw test-file rows, and/or a reward model for the rest."""
+
+    precomputed: Optional[PrecomputedRewards] = None
+    reward_model: Optional[str] = None
+    device: Optional[str] = None
+    batch_size: int = 16
+    max_length: int = 512
+    precomputed_split: str = "test"   # the raw split whose line numbers the stored files refer to
+
+    def __post_init__(self):
+        if self.precomputed is None and self.reward_model is None:
+            raise InputError("no reward source: give --reward_model PATH_OR_ID or --precomputed_rewards DIR")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        self._scorer = None
+        self.counts = Counter()
+
+    @classmethod
+    def from_args(cls, reward_model: Optional[str] = None, precomputed_rewards: Optional[str] = None,
+                  device: Optional[str] = None, batch_size: int = 16, max_length: int = 512) -> "RewardSource":
+        """Check the paths now (before any work); the model itself is loaded on first use."""
+        precomputed = PrecomputedRewards(precomputed_rewards) if precomputed_rewards else None
+        if reward_model:
+            _check_model_path(reward_model)
+        return cls(precomputed, reward_model or None, device, batch_size, max_length)
+
+    def _stored(self, ex: RankedExample) -> Optional[List[float]]:
+        if self.precomputed is None or ex.meta.get("split") != self.precomputed_split:
+            return None
+        source = ex.meta.get("source")
+        if not self.precomputed.has_subset(source):
+            return None
+        row = self.precomputed.row(source, ex.meta["line_num"])
+        if row is None and self.reward_model is not None:
+            return None
+        rewards = self.precomputed.lookup(source, ex.meta["line_num"])
+        if not _same_opening(row, ex):
+            self.counts["precomputed_prompt_mismatch"] += 1
+        return rewards
+
+    def score(self, examples: Sequence[RankedExample]) -> List[List[float]]:
+        """One reward per candidate of each example, in the example's candidate order."""
+        out: List[Optional[List[float]]] = [None] * len(examples)
+        todo: List[int] = []
+        for i, ex in enumerate(examples):
+            stored = self._stored(ex)
+            if stored is not None:
+                if len(stored) != ex.n:
+                    raise InputError(f"stored rewards have {len(stored)} values for {ex.n} candidates "
+                                     f"(subset {ex.meta.get('source')!r}, raw line {ex.meta.get('line_num')})",
+                                     path=self.precomputed.directory)
+                out[i] = stored
+            elif self.reward_model is None:
+                source, line = ex.meta.get("source"), ex.meta.get("line_num")
+                if self.precomputed.has_subset(source) and ex.meta.get("split") != self.precomputed_split:
+                    raise InputError(f"subset {source!r}, raw {ex.meta.get('split')} line {line}: the stored "
+                                     f"rewards refer to raw {self.precomputed_split} files only; give "
+                                     "--reward_model to score other rows", path=self.precomputed.directory)
+                self.precomputed.lookup(source, line)  # raises, naming the subset and line
+                raise InputError(f"no stored reward for subset {source!r}, raw line {line}",
+                                 path=self.precomputed.directory)  # not reached: lookup raised
+            else:
+                todo.append(i)
+        self.counts["precomputed"] += len(examples) - len(todo)
+        if self.counts["precomputed_prompt_mismatch"]:
+            logger.warning("%d rows so far got stored rewards whose prompt does not start like ours: is %s the "
+                           "reward file of these raw test files?", self.counts["precomputed_prompt_mismatch"],
+                           self.precomputed.directory)
+        if todo:
+            scorer = self.scorer()
+            prompts, responses = [], []
+            for i in todo:
+                for turns, response in zip(examples[i].prefix, examples[i].suffix):
+                    prompts.append(turns)
+                    responses.append(response)
+            flat = scorer.score(prompts, responses, batch_size=self.batch_size)
+            pos = 0
+            for i in todo:
+                n = examples[i].n
+                out[i] = [float(r) for r in flat[pos:pos + n]]
+                pos += n
+            self.counts["model"] += len(todo)
+        return out  # type: ignore[return-value]
+
+    def scorer(self):
+        if self._scorer is None:
+            from clha.reward import load_reward_model  # lazy: torch/transformers only when a model is used
+
+            logger.info("loading reward model %s", self.reward_model)
+            self._scorer = load_reward_model(self.reward_model, device=self.device, max_length=self.max_length)
+        return self._scorer
+
+    def describe(self) -> str:
+        parts = []
+        if self.precomputed is not None:
+            parts.append(f"precomputed={self.precomputed.directory}")
+        if self.reward_model is not None:
+            parts.append(f"reward_model={self.reward_model}")
+        return ", ".join(parts)
+
+
+def _same_opening(stored: Optional[Dict], ex: RankedExample, width: int = 24) -> bool:
+    """Whether a stored row's first prompt turn starts like ours (a guard against a wrong reward folder).
+
+    Only the first characters are compared: the reference lost later paragraphs of turns."""
+    try:
+        theirs = stored["prefix"][0][0]
+    except (KeyError, IndexError, TypeError):
+        return True
+    ours = ex.prefix[0][0]
+    n = min(width, len(theirs), len(ours))
+    return theirs[:n] == ours[:n]
+
+
+def _check_model_path(path: str) -> None:
+    """A reward model argument that can only be a local path must exist (hub ids are checked when loading)."""
+    p = os.path.expanduser(path)
+    if os.path.exists(p):
+        if not os.path.isdir(p):
+            raise InputError("reward model path is a file, not a model folder", path=path)
+        return
+    looks_local = (os.path.isabs(p) or path.startswith((".", "~")) or path.endswith(("/", os.sep))
+                   or path.count("/") > 1 or "\\" in path)
+    if looks_local:
+        raise InputError("reward model path does not exist", path=path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step 2
+# ---------------------------------------------------------------------------------------------------------------
+
+def rerank(ex: RankedExample, rewards: Sequence[float]) -> RankedExample:
+    """Candidates sorted by reward, best first (ties keep their order); sft_index 0."""
+    order = sorted(range(ex.n), key=lambda k: -rewards[k])
+    return RankedExample(prefix=[ex.prefix[k] for k in order], suffix=[ex.suffix[k] for k in order],
+                         reward=[float(rewards[k]) for k in order], sft_index=0, meta=ex.meta)
+
+
+def with_rewards(ex: RankedExample, rewards: Sequence[float]) -> RankedExample:
+    """Candidates kept in their order (human order: chosen first), rewards stored."""
+    return RankedExample(prefix=ex.prefix, suffix=ex.suffix, reward=[float(r) for r in rewards], sft_index=0,
+                         meta=ex.meta)
+
+
+def _flatten(per_subset: Dict[str, List[RankedExample]]) -> List[RankedExample]:
+    return [ex for subset in RAW_SUBSETS for ex in per_subset.get(subset, [])]
+
+
+def sample_dev(pool: Sequence[RankedExample], size: int, seed: int) -> List[RankedExample]:
+    """`size` rows with distinct prompts, drawn with `random.Random(seed)` from the pool (all subsets)."""
+    seen = set()
+    unique = []
+    for ex in pool:
+        key = tuple(ex.prefix[0])
+        if key not in seen:
+            seen.add(key)
+            unique.append(ex)
+    if size > len(unique):
+        logger.warning("dev sample: asked for %d prompts, only %d distinct prompts available", size, len(unique))
+        size = len(unique)
+    return random.Random(seed).sample(unique, size)
+
+
+def step2_train_data(in_dir: str | os.PathLike, train_out: str | os.PathLike, dev_out: Optional[str | os.PathLike],
+                     rewards: RewardSource, dev_size: int = DEFAULT_DEV_SIZE, seed: int = DEFAULT_SEED,
+                     subsets: Optional[Sequence[str]] = None, dev_order: str = "human",
+                     shuffle: bool = True) -> Dict[str, int]:
+    """Run step 2; returns counts. `dev_out=None` skips the dev sample."""
+    if dev_order not in ("human", "reward"):
+        raise InputError(f"dev_order must be 'human' or 'reward', got {dev_order!r}")
+    if dev_size < 0:
+        raise InputError(f"dev_size must be >= 0, got {dev_size}")
+    train_rows = _flatten(load_step1_rows(in_dir, "train", subsets))
+    if not train_rows:
+        raise InputError("no training rows: step 1 found no raw train split (the official train files are not "
+                         "there); run step 1 with --partition to carve a policy_train partition", path=in_dir)
+    kept = [ex for ex in train_rows if len(set(ex.suffix)) == len(ex.suffix)]
+    counts = {"train_rows_in": len(train_rows), "dropped_identical_candidates": len(train_rows) - len(kept)}
+    logger.info("step 2: %d training rows, dropped %d with identical candidates", len(train_rows),
+                counts["dropped_identical_candidates"])
+
+    dev_sample: List[RankedExample] = []
+    if dev_out is not None:
+        dev_role = "dev"
+        pool = _flatten(load_step1_rows(in_dir, "dev", subsets))
+        if not pool:
+            dev_role = "test"
+            pool = _flatten(load_step1_rows(in_dir, "test", subsets))
+            logger.warning("no dev partition: drawing the dev sample from the raw test split, as the reference "
+                           "did (it then overlaps the test data; use step 1 --partition to avoid that)")
+        if not pool and dev_size > 0:
+            raise InputError("no rows to draw the dev sample from", path=in_dir)
+        dev_sample = sample_dev(pool, dev_size, seed)
+        counts["dev_pool"] = len(pool)
+        counts["dev_rows"] = len(dev_sample)
+        logger.info("dev sample: %d prompts from %d %s rows (%s)", len(dev_sample), len(pool), dev_role,
+                    dict(Counter(ex.meta.get("source") for ex in dev_sample)))
+
+    if rewards.precomputed is not None:
+        logger.warning("training rewards come (partly) from stored rewards in %s: those of pro-format/hh_test were "
+                       "given by OpenAssistant oasst-rm-2-pythia-6.9b, the reference EVALUATION reward model; a "
+                       "policy trained on them and judged by that model is not a fair comparison",
+                       rewards.precomputed.directory)
+    train_rewards = rewards.score(kept)
+    dev_rewards = rewards.score(dev_sample)
+    train = [rerank(ex, r) for ex, r in zip(kept, train_rewards)]
+    if shuffle:
+        random.Random(seed).shuffle(train)
+    dev = [rerank(ex, r) if dev_order == "reward" else with_rewards(ex, r)
+           for ex, r in zip(dev_sample, dev_rewards)]
+
+    counts["train_rows"] = write_ranked(train_out, train)
+    if dev_out is not None:
+        write_ranked(dev_out, dev)
+    counts.update({f"rewards_{k}": v for k, v in rewards.counts.items()})
+    logger.info("step 2: wrote %d rows to %s%s (rewards from %s: %s)", counts["train_rows"], train_out,
+                f" and {len(dev)} to {dev_out}" if dev_out is not None else "", rewards.describe(),
+                dict(rewards.counts))
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step 3
+# ---------------------------------------------------------------------------------------------------------------
+
+def step3_test_data(in_dir: str | os.PathLike, out_dir: str | os.PathLike, rewards: RewardSource,
+                    subsets: Optional[Sequence[str]] = None) -> Dict[str, int]:
+    """Run step 3; returns rows written per test file stem."""
+    per_subset = load_step1_rows(in_dir, "test", subsets)
+    if not per_subset:
+        raise InputError("no test rows in the step-1 output (no raw test split / test partition)", path=in_dir)
+    results: Dict[str, List[RankedExample]] = {}
+    for subset in RAW_SUBSETS:
+        if subset in per_subset:
+            rows = per_subset[subset]
+            results[subset] = [with_rewards(ex, r) for ex, r in zip(rows, rewards.score(rows))]
+    out_dir = Path(out_dir)
+    counts = {}
+    for subset, rows in results.items():
+        counts[SUBSET_STEMS[subset]] = write_ranked(out_dir / f"{SUBSET_STEMS[subset]}.json", rows)
+    logger.info("step 3: wrote %s to %s (rewards from %s: %s)", counts, out_dir, rewards.describe(),
+                dict(rewards.counts))
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command-line helpers shared by train/hh_preprocess_data/step_*.py
+# ---------------------------------------------------------------------------------------------------------------
+
+def add_reward_args(parser) -> None:
+    group = parser.add_argument_group("rewards (at least one of --reward_model / --precomputed_rewards)")
+    group.add_argument("--reward_model", default=None,
+                       help="reward model folder or hub id, loaded with clha.reward.load_reward_model "
+                            "(reference: OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5 for training data)")
+    group.add_argument("--precomputed_rewards", default=None,
+                       help="folder of PRO-format files with stored rewards (e.g. ../shared/data/pro-format/hh_test), "
+                            "matched by subset and meta.line_num of the raw test file; with --reward_model too, "
+                            "the model scores the rows that have no stored reward")
+    group.add_argument("--batch_size", type=int, default=16, help="reward model batch size (pairs)")
+    group.add_argument("--device", default=None, help="reward model device (default: cuda if available, else cpu)")
+    group.add_argument("--max_length", type=int, default=512,
+                       help="reward model input length in tokens (cut from the left)")
+
+
+def add_subset_arg(parser) -> None:
+    parser.add_argument("--subsets", nargs="+", default=None, metavar="SUBSET",
+                        help=f"only these subsets (default: all found): {' '.join(RAW_SUBSETS)} "
+                             "(file stems like helpful_rejection are accepted too)")
+
+
+def reward_source_from_args(args) -> RewardSource:
+    return RewardSource.from_args(reward_model=args.reward_model, precomputed_rewards=args.precomputed_rewards,
+                                  device=args.device, batch_size=args.batch_size, max_length=args.max_length)
+
+
+def path_or_default(value: Optional[str], repo_root: Path, default: str) -> Path:
+    """A path the user gave (relative to the current directory), else `default` under the repository root."""
+    return Path(value) if value else repo_root / default
+
+
+def run_cli(main, argv=None) -> int:
+    """Run a step's main(argv): logging to stderr, InputError -> one clear line and exit status 2."""
+    import sys
+    import time
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    start = time.perf_counter()
+    try:
+        main(argv)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    logger.info("done in %.1f s", time.perf_counter() - start)
+    return 0
