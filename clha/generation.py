@@ -1,0 +1,368 @@
+"""Greedy generation of responses for ranked-format prompts, as validation and evaluation need it.
+
+    responses = generate_responses(model, tokenizer, [["<|prompter|>Hi", "<|assistant|>"]], max_new_tokens=128)
+
+Rules (clha-method.md, Evaluation):
+- a prompt (marker turns ending with the bare "<|assistant|>") is rendered with `render_prompt` and encoded with
+  `clha.data.tokenize.encode_prompt`, exactly as in training (left cut to block_size - 128 tokens, BOS when the
+  tokenizer uses one);
+- pure greedy decoding: the arg-max token at each step (the sampling, beam, repetition-penalty and other logits
+  settings of the model's generation config are not applied), at most `max_new_tokens` new tokens, KV cache;
+- the response is decoded from the generated token ids only (the prompt ids are sliced off, never searched for in
+  decoded text), cut at the first EOS, then at the first "Human:" / "Assistant:" in any case, and stripped.
+
+Speed: prompts are sorted by token length (longest first, so memory problems show at once) and batched with left
+padding. Two engines give the same tokens:
+- "fast" (default where the model supports it: a decoder whose `DynamicCache` holds plain full-attention layers,
+  e.g. Llama, Mistral without sliding window, Qwen2, GPT-NeoX): a short greedy loop over the model's forward. The
+  prompts of a batch are prefilled in groups of similar length (little padding is computed) and their KV caches
+  joined, and a row that has produced EOS or a stop string leaves the batch at once, so finished rows cost nothing;
+- "hf": `model.generate` with a stopping criterion that ends a row at a stop string (decoding only the last few
+  generated tokens of each row); a batch stops when every row has finished. Used for any other model.
+Results come back in input order and do not depend on the batch size or the engine (up to floating-point ties).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from clha.data.format import render_prompt
+from clha.data.tokenize import encode_prompt
+
+# Where a response ends: the model starts writing the next turn itself.
+STOP_PATTERN = re.compile(r"(human|assistant):", re.IGNORECASE)
+# Longest stop string in characters; a token holds at least one byte, so this many tokens always cover one.
+_TAIL_TOKENS = len("assistant:") + 6
+# `progress=None` shows a progress bar when a call needs more than this many batches.
+PROGRESS_MIN_BATCHES = 4
+# Fast engine: prompts of a batch are prefilled together while the padding this adds stays under this fraction of
+# the group's positions, and a group holds at most this many positions.
+PREFILL_MAX_PADDING = 0.10
+PREFILL_MAX_POSITIONS = 8192
+ENGINES = ("auto", "fast", "hf")
+
+
+def cut_response(text: str) -> str:
+    """Cut a generated text at the first "Human:" / "Assistant:" (any case) and strip white space."""
+    match = STOP_PATTERN.search(text)
+    if match is not None:
+        text = text[:match.start()]
+    return text.strip()
+
+
+def _eos_ids(model, tokenizer) -> List[int]:
+    ids: List[int] = []
+    candidates = [getattr(tokenizer, "eos_token_id", None)]
+    gen_cfg = getattr(model, "generation_config", None)
+    if gen_cfg is not None:
+        value = getattr(gen_cfg, "eos_token_id", None)
+        candidates.extend(value if isinstance(value, (list, tuple)) else [value])
+    for value in candidates:
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
+    return ids
+
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters
+        return torch.device("cpu")
+
+
+class StopOnStrings:
+    """A stopping criterion: a row is finished once its generated part contains "Human:" / "Assistant:".
+
+    Only the last `_TAIL_TOKENS` generated tokens of unfinished rows are decoded at each step; a finished row
+    stays finished (generate pads it from then on). Duck-types `transformers.StoppingCriteria`.
+    """
+
+    def __init__(self, tokenizer, prompt_width: int, batch_size: int):
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.done = torch.zeros(batch_size, dtype=torch.bool)
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, self.prompt_width:]
+        if new.shape[1] > 0:
+            tail = new[:, -_TAIL_TOKENS:].tolist()
+            for row, ids in enumerate(tail):
+                if not self.done[row] and STOP_PATTERN.search(self.tokenizer.decode(ids, skip_special_tokens=True)):
+                    self.done[row] = True
+        return self.done.to(input_ids.device).clone()
+
+
+def _stopping_criteria(tokenizer, prompt_width: int, batch_size: int):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Criterion(StopOnStrings, StoppingCriteria):
+        pass
+
+    return StoppingCriteriaList([_Criterion(tokenizer, prompt_width, batch_size)])
+
+
+def _left_pad(rows: List[List[int]], pad_id: int):
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, width - len(row):] = 1
+    return input_ids, attention_mask
+
+
+@dataclass
+class Generation:
+    """One generated response and why generation ended for it.
+
+    `stop`: "eos" (the model produced EOS), "stop_string" (it started a new "Human:"/"Assistant:" turn) or
+    "length" (it used all `max_new_tokens` without either).
+    """
+
+    response: str
+    stop: str
+
+
+def generate_responses(model, tokenizer, prompts: Sequence[Sequence[str]], block_size: int = 512,
+                       max_new_tokens: int = 128, batch_size: int = 8,
+                       progress: Optional[bool] = None) -> List[str]:
+    """Greedy responses to ranked-format prompts (lists of marker turns), in input order.
+
+    Works on a plain Hugging Face causal LM or an accelerate-unwrapped one, with or without a pad token (eos
+    pads then). The model is put in eval mode and every module's training flag is restored afterwards.
+    """
+    return [g.response for g in generate_with_details(model, tokenizer, prompts, block_size=block_size,
+                                                      max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                      progress=progress)]
+
+
+def _encode_prompts(tokenizer, prompts: Sequence[Sequence[str]], block_size: int) -> List[List[int]]:
+    encoded = []
+    for i, turns in enumerate(prompts):
+        if isinstance(turns, (str, bytes)):
+            raise TypeError(f"prompt {i} is a string; a prompt is a list of marker turns ending with '<|assistant|>'")
+        ids = encode_prompt(tokenizer, render_prompt(list(turns)), block_size)
+        if not ids:
+            raise ValueError(f"prompt {i} encodes to no tokens")
+        encoded.append(ids)
+    return encoded
+
+
+def _finish(tokenizer, new_ids: Sequence[int], eos_ids: Sequence[int]) -> Generation:
+    ids = list(new_ids)
+    hit_eos = False
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            ids, hit_eos = ids[:i], True
+            break
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if STOP_PATTERN.search(text):
+        stop = "stop_string"
+    else:
+        stop = "eos" if hit_eos else "length"
+    return Generation(cut_response(text), stop)
+
+
+def generate_with_details(model, tokenizer, prompts: Sequence[Sequence[str]], block_size: int = 512,
+                          max_new_tokens: int = 128, batch_size: int = 8, progress: Optional[bool] = None,
+                          engine: str = "auto") -> List[Generation]:
+    """`generate_responses`, also telling for each prompt why its generation ended (see `Generation`).
+
+    `engine`: "auto" (the fast loop where the model supports it, else "hf"), "fast" or "hf" (see the module doc).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    encoded = _encode_prompts(tokenizer, prompts, block_size)
+
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        if not eos_ids:
+            raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+        pad_id = eos_ids[0]
+
+    # Longest first (a memory problem shows in the first batch); ties keep input order.
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    show = progress if progress is not None else len(batches) > PROGRESS_MIN_BATCHES
+    device = _model_device(model)
+    results: List[Optional[Generation]] = [None] * len(encoded)
+    if engine == "auto":
+        engine = "fast" if fast_engine_supported(model) else "hf"
+    elif engine == "fast" and not fast_engine_supported(model):
+        raise ValueError(f"the fast engine does not support {type(model).__name__}; use engine='hf'")
+    run_batch = _fast_batch if engine == "fast" else _hf_batch
+
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        from tqdm.auto import tqdm
+
+        with torch.inference_mode(), tqdm(total=len(encoded), disable=not show, desc="generate", unit="prompt",
+                                          leave=False) as bar:
+            for idx in batches:
+                gens = run_batch(model, tokenizer, [encoded[i] for i in idx], pad_id, eos_ids, max_new_tokens, device)
+                for i, gen in zip(idx, gens):
+                    results[i] = gen
+                bar.update(len(idx))
+    finally:
+        for module, training in modes:
+            module.training = training
+    return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------ hf engine
+def _hf_batch(model, tokenizer, rows: List[List[int]], pad_id: int, eos_ids: List[int], max_new_tokens: int,
+              device) -> List[Generation]:
+    input_ids, attention_mask = _left_pad(rows, pad_id)
+    width = input_ids.shape[1]
+    out = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, use_cache=True, pad_token_id=pad_id, eos_token_id=eos_ids or None,
+        stopping_criteria=_stopping_criteria(tokenizer, width, len(rows)))
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    return [_finish(tokenizer, ids, eos_ids) for ids in sequences[:, width:].cpu().tolist()]
+
+
+# ---------------------------------------------------------------------------------------------- fast engine
+def _forward_names(model) -> Optional[Tuple[str, bool]]:
+    """(name of the cache argument, whether `logits_to_keep` is accepted), or None if forward lacks what we need."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if not {"input_ids", "attention_mask", "position_ids", "use_cache"} <= set(params):
+        return None
+    cache_arg = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
+    if cache_arg is None:
+        return None
+    return cache_arg, "logits_to_keep" in params
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def fast_engine_supported(model) -> bool:
+    """A decoder-only model whose KV cache is a list of plain, full-attention `DynamicLayer`s."""
+    if getattr(model.config, "is_encoder_decoder", False) or _forward_names(model) is None:
+        return False
+    try:
+        from transformers.cache_utils import DynamicLayer
+
+        cache = _new_cache(model)
+    except Exception:   # older transformers, or a model whose config the cache cannot read
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _prefill_groups(lengths: List[int]) -> List[Tuple[int, int]]:
+    """Split rows (sorted longest first) into [start, end) groups prefilled together with little padding."""
+    groups, start = [], 0
+    while start < len(lengths):
+        end, longest, total = start + 1, lengths[start], lengths[start]
+        while end < len(lengths):
+            positions = longest * (end + 1 - start)
+            if positions > PREFILL_MAX_POSITIONS or positions - (total + lengths[end]) > PREFILL_MAX_PADDING * positions:
+                break
+            total += lengths[end]
+            end += 1
+        groups.append((start, end))
+        start = end
+    return groups
+
+
+def _fast_batch(model, tokenizer, rows: List[List[int]], pad_id: int, eos_ids: List[int], max_new_tokens: int,
+                device) -> List[Generation]:
+    cache_arg, has_keep = _forward_names(model)
+    extra = {"logits_to_keep": 1} if has_keep else {}
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))      # prefill groups want sorted rows
+    rows = [rows[i] for i in order]
+    lengths = [len(r) for r in rows]
+    width = max(lengths)
+
+    # Prefill each group of similar length, then join the caches, left-padded to the batch's longest prompt.
+    groups = _prefill_groups(lengths)
+    cache, first_logits, parts = None, [], []
+    for start, end in groups:
+        ids, mask = _left_pad(rows[start:end], pad_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        group_cache = _new_cache(model)
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                    use_cache=True, **{cache_arg: group_cache}, **extra)
+        first_logits.append(out.logits[:, -1])
+        parts.append((ids.shape[1], group_cache))
+    if len(parts) == 1:
+        cache = parts[0][1]
+    else:
+        cache = _new_cache(model)
+        for layer_idx, layer in enumerate(cache.layers):
+            keys, values = [], []
+            for group_width, group_cache in parts:
+                pad = (0, 0, width - group_width, 0)     # left-pad the sequence dimension
+                keys.append(torch.nn.functional.pad(group_cache.layers[layer_idx].keys, pad))
+                values.append(torch.nn.functional.pad(group_cache.layers[layer_idx].values, pad))
+            layer.update(torch.cat(keys), torch.cat(values))
+        del parts
+
+    _, mask = _left_pad(rows, pad_id)
+    mask = mask.to(device)
+    next_pos = torch.tensor(lengths, device=device)                      # position of the next token per row
+    next_tokens = torch.cat(first_logits).argmax(-1)
+    active = list(range(len(rows)))                                     # rows still generating, in batch order
+    generated: List[List[int]] = [[] for _ in rows]
+    stops: List[str] = ["length"] * len(rows)
+    for step in range(max_new_tokens):
+        keep = []
+        for j, (row, token) in enumerate(zip(active, next_tokens.tolist())):
+            if token in eos_ids:
+                stops[row] = "eos"
+                continue
+            generated[row].append(token)
+            tail = tokenizer.decode(generated[row][-_TAIL_TOKENS:], skip_special_tokens=True)
+            if STOP_PATTERN.search(tail):
+                stops[row] = "stop_string"
+                continue
+            keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):                                     # finished rows leave the batch
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, next_pos, next_tokens = mask[index], next_pos[index], next_tokens[index]
+            active = [active[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    use_cache=True, **{cache_arg: cache}, **extra)
+        next_tokens = out.logits[:, -1].argmax(-1)
+        next_pos = next_pos + 1
+
+    results: List[Optional[Generation]] = [None] * len(rows)
+    for row, position in enumerate(order):
+        text = tokenizer.decode(generated[row], skip_special_tokens=True)
+        results[position] = Generation(cut_response(text), stops[row])
+    return results  # type: ignore[return-value]
+
+
+__all__ = ["generate_responses", "generate_with_details", "Generation", "cut_response", "StopOnStrings",
+           "STOP_PATTERN", "fast_engine_supported", "ENGINES"]

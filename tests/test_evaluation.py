@@ -1,0 +1,380 @@
+"""HH-RLHF evaluation (clha/evaluation.py, eval_hh/): BLEU, sharding/merging/resume, reports, bad inputs.
+
+One end-to-end run of eval_hh/run_infer_main_dist.sh with 2 CPU processes (tiny policy, tiny reward models, a few
+examples per subset); the resume, force and bad-input checks then run the stages in this process, standing in for
+rank 0 and rank 1 of 2.
+"""
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from clha.data.format import write_ranked
+from clha.errors import InputError
+from clha.evaluation import (METRICS, SUBSETS, EvalConfig, ShardError, char_bleu, check_reward_models, compare_main,
+                             compare_runs, main, merge_shards, render_markdown, run_generate, run_reward, run_score,
+                             same_reward_model, sentence_bleu, shard_path, sigmoid, summarise, word_bleu,
+                             word_tokens)
+from tests.conftest import REPO, make_ranked_rows
+
+SIZES = {"harmless_base": 5, "helpful_base": 4, "helpful_online": 3, "helpful_rejection": 5}
+MAX_NEW_TOKENS = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)      # as each launched process (OMP_NUM_THREADS=1); the machine is shared
+    yield
+    torch.set_num_threads(before)
+
+
+class LocalProcess:
+    """Stands in for accelerate's Accelerator as process `rank` of `world` (no process group)."""
+
+    def __init__(self, rank: int, world: int):
+        self.process_index, self.num_processes = rank, world
+        self.is_main_process = rank == 0
+        self.device = torch.device("cpu")
+
+    def wait_for_everyone(self):
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny policy whose greedy outputs vary by prompt, two different tiny reward models, four test files."""
+    from clha.tiny import build_causal_lm, build_tokenizer
+    from clha.tiny_reward import save_tiny_seqcls_reward_model
+
+    root = tmp_path_factory.mktemp("eval_assets")
+    tokenizer = build_tokenizer()
+    lm = build_causal_lm(tokenizer, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in lm.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
+    lm.save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    save_tiny_seqcls_reward_model(root / "rm_eval", seed=1)
+    save_tiny_seqcls_reward_model(root / "rm_train", seed=2)
+    (root / "policy" / "clha_config.json").write_text(json.dumps({"reward_model": str(root / "rm_train")}))
+    test_dir = root / "hh_test"
+    test_dir.mkdir()
+    for k, (subset, n) in enumerate(SIZES.items()):
+        write_ranked(test_dir / f"{subset}.json", make_ranked_rows(n, seed=10 + k))
+    return {"root": root, "policy": str(root / "policy"), "rm_eval": str(root / "rm_eval"),
+            "rm_train": str(root / "rm_train"), "test_dir": str(test_dir)}
+
+
+def _cfg(assets, out_dir, **kw) -> EvalConfig:
+    values = dict(model_path=assets["policy"], test_dir=assets["test_dir"], out_dir=str(out_dir),
+                  eval_reward_model=assets["rm_eval"], max_new_tokens=MAX_NEW_TOKENS, gen_batch_size=4,
+                  reward_batch_size=4, name="t_2")
+    values.update(kw)
+    cfg = EvalConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def _run_stages_locally(cfg, world=2, stages=("generate", "reward", "score")):
+    """All ranks of each stage in turn (rank 0, the merging one, last)."""
+    funcs = {"generate": run_generate, "reward": run_reward, "score": run_score}
+    for stage in stages:
+        for rank in reversed(range(world)):
+            funcs[stage](cfg, LocalProcess(rank, world))
+
+
+@pytest.fixture(scope="module")
+def full_run(assets, tmp_path_factory):
+    """The shell entry point, 2 CPU processes, all three stages."""
+    out = tmp_path_factory.mktemp("eval_run") / "t_2"
+    env = dict(os.environ, MODEL_PATH=assets["policy"], TEST_DIR=assets["test_dir"],
+               EVAL_REWARD_MODEL=assets["rm_eval"], NUM_PROCESSES="2", MAX_NEW_TOKENS=str(MAX_NEW_TOKENS),
+               GEN_BATCH_SIZE="4", REWARD_BATCH_SIZE="4", OUT_DIR=str(out), MAIN_PROCESS_PORT=str(_free_port()),
+               OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if not shutil.which("accelerate", path=env["PATH"]):
+        pytest.skip("accelerate launcher not installed")
+    proc = subprocess.run(["bash", str(REPO / "eval_hh" / "run_infer_main_dist.sh"), "t", "2"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _copy_run(run_dir, tmp_path):
+    dest = tmp_path / "t_2"
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+# ================================================================================================ BLEU
+def test_bleu_equals_nltk_sentence_bleu():
+    nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
+    rng = random.Random(0)
+    words = "the cat sat on a mat and we like to talk about bread rain chess music trees , . !".split()
+    pairs = [("The cat sat on the mat.", "The cat is on the mat."), ("", "anything"), ("x", ""),
+             ("Sure! Here you go.", "Sure! Here you go."), ("ab", "abc"), ("no overlap", "qqq zzz")]
+    for _ in range(150):
+        pairs.append((" ".join(rng.choices(words, k=rng.randint(0, 30))),
+                      " ".join(rng.choices(words, k=rng.randint(0, 30)))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # nltk warns about zero n-gram counts
+        for hyp, ref in pairs:
+            for tok in (list, word_tokens, str.split):
+                assert sentence_bleu(tok(ref), tok(hyp)) == nltk_bleu.sentence_bleu([tok(ref)], tok(hyp)), (hyp, ref)
+            # The reference code passed the strings themselves: nltk then works over characters.
+            assert char_bleu(hyp, ref) == nltk_bleu.sentence_bleu([ref.strip()], hyp.strip())
+
+
+def test_bleu_edge_values():
+    assert char_bleu("same text here", "same text here") == 1.0
+    assert word_bleu("", "a reference") == 0.0
+    assert word_bleu("zzz", "a reference") == 0.0
+    assert 0 < word_bleu("a b c", "a b c d e f") < 1e-70     # no 4-gram: ~0, as nltk without smoothing
+    assert word_tokens("Hi, you!") == ["Hi", ",", "you", "!"]
+
+
+# ===================================================================================== end to end
+def test_every_example_scored_exactly_once(full_run):
+    out, _ = full_run
+    rows = _read_jsonl(out / "examples.jsonl")
+    keys = [(r["subset"], r["index"]) for r in rows]
+    assert keys == [(s, i) for s in SUBSETS for i in range(SIZES[s])]
+    for stage in ("generate", "reward", "score"):
+        for subset, n in SIZES.items():
+            seen = []
+            for rank in range(2):
+                data = json.loads(shard_path(out, stage, subset, rank, 2).read_text())
+                seen += [row["index"] for row in data["rows"]]
+                assert [row["index"] for row in data["rows"]] == list(range(rank, n, 2))
+            assert sorted(seen) == list(range(n))
+
+
+def test_reports_agree_with_examples(full_run, assets):
+    out, stdout = full_run
+    rows = _read_jsonl(out / "examples.jsonl")
+    report = json.loads((out / "report.json").read_text())
+    for subset in SUBSETS:
+        expected = summarise([r for r in rows if r["subset"] == subset])
+        for key in ["n"] + [k for k, _, _ in METRICS]:
+            assert report["subsets"][subset][key] == pytest.approx(expected[key], abs=1e-9)
+    for key, _, _ in METRICS:
+        assert report["overall"][key] == pytest.approx(sum(r[key] for r in rows) / len(rows), abs=1e-9)
+    markdown = (out / "report.md").read_text()
+    assert markdown == render_markdown(report)
+    assert render_markdown(report) in stdout
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in markdown.splitlines() if line.startswith("| ") and "---" not in line}
+    for name, metrics in list(report["subsets"].items()) + [("**overall**", report["overall"])]:
+        assert table[name] == [str(metrics["n"])] + [f"{metrics[k]:.2f}" for k, _, _ in METRICS]
+    assert report["train_reward_model"] == assets["rm_train"] and report["same_reward_model"] is False
+    assert (out / "reward_by_subset.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in rows:
+        assert r["reward"] == pytest.approx(100 * sigmoid(r["reward_logit"]))
+        assert r["bleu"] == pytest.approx(100 * char_bleu(r["response"], r["chosen"]))
+        assert r["win"] == (100.0 if r["reward_logit"] > r["chosen_reward_logit"] else
+                            50.0 if r["reward_logit"] == r["chosen_reward_logit"] else 0.0)
+    assert any(r["bleu"] > 0 for r in rows) and len({r["response"] for r in rows}) > 5
+
+
+def test_sharded_results_match_a_single_process(full_run, assets):
+    """Generation and reward numbers of the 2-process run equal plain single-process calls."""
+    from clha.data.format import read_ranked
+    from clha.evaluation import load_policy
+    from clha.generation import generate_responses
+    from clha.reward import load_reward_model
+
+    out, _ = full_run
+    rows = [r for r in _read_jsonl(out / "examples.jsonl") if r["subset"] == "harmless_base"]
+    prompts = [ex.prefix[0] for ex in read_ranked(Path(assets["test_dir"]) / "harmless_base.json")]
+    model, tokenizer = load_policy(_cfg(assets, out), torch.device("cpu"))
+    responses = generate_responses(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS)
+    assert [r["response"] for r in rows] == responses
+    scores = load_reward_model(assets["rm_eval"], device="cpu", max_length=1024).score(prompts, responses)
+    assert [r["reward_logit"] for r in rows] == pytest.approx(scores, abs=1e-4)
+
+
+def test_lost_shard_is_redone_and_report_is_unchanged(full_run, assets, tmp_path):
+    out = _copy_run(full_run[0], tmp_path)
+    before = {name: (out / name).read_bytes() for name in ("report.md", "report.json", "examples.jsonl")}
+    lost = shard_path(out, "generate", "helpful_base", 1, 2)
+    lost.unlink()
+    for name in before:
+        (out / name).unlink()
+    shards = sorted(p for p in (out / "shards").rglob("*.json") if p != lost)
+    mtimes = {p: p.stat().st_mtime_ns for p in shards}
+    _run_stages_locally(_cfg(assets, out))
+    assert lost.exists()
+    # Only the lost shard was redone (same content, so the later stages kept theirs too).
+    assert {p: p.stat().st_mtime_ns for p in shards} == mtimes
+    for name, content in before.items():
+        assert (out / name).read_bytes() == content, name
+
+
+def test_stale_and_forced_shards_are_redone(full_run, assets, tmp_path):
+    out = _copy_run(full_run[0], tmp_path)
+    gen_shard = shard_path(out, "generate", "helpful_online", 0, 2)
+    reward_shard = shard_path(out, "reward", "helpful_online", 0, 2)
+    # A shard cut short by a crash (here: one row gone) is not complete: it is redone.
+    data = json.loads(gen_shard.read_text())
+    data["rows"] = data["rows"][:-1]
+    gen_shard.write_text(json.dumps(data))
+    reward_mtime = reward_shard.stat().st_mtime_ns
+    run_generate(_cfg(assets, out), LocalProcess(0, 2))
+    assert len(json.loads(gen_shard.read_text())["rows"]) == 2
+    run_reward(_cfg(assets, out), LocalProcess(0, 2))
+    assert reward_shard.stat().st_mtime_ns == reward_mtime
+    # --force redoes a complete shard.
+    run_reward(_cfg(assets, out, force=True), LocalProcess(0, 2))
+    assert reward_shard.stat().st_mtime_ns != reward_mtime
+    # Other settings (more new tokens) make every generation shard stale; merging refuses them.
+    with pytest.raises(ShardError, match="stale"):
+        run_reward(_cfg(assets, out, max_new_tokens=MAX_NEW_TOKENS + 1), LocalProcess(0, 2))
+
+
+def test_merge_fails_loudly_on_missing_or_duplicate_examples(full_run, assets, tmp_path):
+    from clha.evaluation import generation_fingerprint, load_subset
+
+    out = _copy_run(full_run[0], tmp_path)
+    examples = load_subset(assets["test_dir"], "harmless_base")
+    fp = generation_fingerprint(_cfg(assets, out), "harmless_base", examples)
+    assert [r["index"] for r in merge_shards(out, "generate", "harmless_base", 5, fp)] == [0, 1, 2, 3, 4]
+    s0, s1 = (shard_path(out, "generate", "harmless_base", r, 2) for r in (0, 1))
+    d0, d1 = json.loads(s0.read_text()), json.loads(s1.read_text())
+    s1.write_text(json.dumps(dict(d1, rows=d1["rows"] + d0["rows"][:1])))
+    with pytest.raises(ShardError, match="present twice: 0"):
+        merge_shards(out, "generate", "harmless_base", 5, fp)
+    s1.write_text(json.dumps(dict(d1, rows=d1["rows"][:1])))
+    with pytest.raises(ShardError, match="missing: 3"):
+        merge_shards(out, "generate", "harmless_base", 5, fp)
+    s1.unlink()
+    with pytest.raises(ShardError, match=r"ranks \[1\]"):
+        merge_shards(out, "generate", "harmless_base", 5, fp)
+    with pytest.raises(ShardError, match="stale"):
+        merge_shards(out, "generate", "helpful_base", 4, fp)
+
+
+def test_compare_runs(full_run, tmp_path, capsys):
+    out = full_run[0]
+    other = _copy_run(out, tmp_path / "b")
+    text = compare_runs([str(out), str(other)], tmp_path / "cmp")
+    assert text.count("| t_2 (") == 4      # same run name twice: told apart by folder
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert compare_main([str(tmp_path / "nowhere")]) == 2
+    assert "report.json" in capsys.readouterr().err
+
+
+# ===================================================================================== bad inputs
+def _argv(assets, out, **kw):
+    values = {"model_path": assets["policy"], "test_dir": assets["test_dir"], "out_dir": str(out),
+              "eval_reward_model": assets["rm_eval"]}
+    values.update(kw)
+    return ["generate"] + [x for k, v in values.items() for x in (f"--{k}", str(v))]
+
+
+def _error_of(argv, capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_test_file(assets, tmp_path, capsys):
+    test_dir = tmp_path / "hh_test"
+    shutil.copytree(assets["test_dir"], test_dir)
+    (test_dir / "helpful_rejection.json").unlink()
+    err = _error_of(_argv(assets, tmp_path / "out", test_dir=test_dir), capsys)
+    assert str(test_dir / "helpful_rejection.json") in err
+    assert not (tmp_path / "out").exists(), "nothing may be written before the inputs are checked"
+    err = _error_of(_argv(assets, tmp_path / "out", test_dir=tmp_path / "nowhere"), capsys)
+    assert str(tmp_path / "nowhere") in err
+
+
+def test_empty_test_file(assets, tmp_path, capsys):
+    test_dir = tmp_path / "hh_test"
+    shutil.copytree(assets["test_dir"], test_dir)
+    (test_dir / "helpful_online.json").write_text("")
+    err = _error_of(_argv(assets, tmp_path / "out", test_dir=test_dir), capsys)
+    assert str(test_dir / "helpful_online.json") in err and "no examples" in err
+
+
+def test_checkpoint_without_tokenizer(assets, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors", "clha_config.json"):
+        shutil.copy(Path(assets["policy"]) / name, ckpt / name)
+    err = _error_of(_argv(assets, tmp_path / "out", model_path=ckpt), capsys)
+    assert str(ckpt) in err and "tokenizer" in err
+    err = _error_of(_argv(assets, tmp_path / "out", model_path=tmp_path / "no_such_ckpt"), capsys)
+    assert str(tmp_path / "no_such_ckpt") in err and "does not exist" in err
+    err = _error_of(_argv(assets, tmp_path / "out", eval_reward_model=tmp_path / "no_rm"), capsys)
+    assert str(tmp_path / "no_rm") in err
+
+
+def test_same_reward_model_is_refused_unless_allowed(assets, tmp_path, capsys):
+    err = _error_of(_argv(assets, tmp_path / "out", eval_reward_model=assets["rm_train"]), capsys)
+    assert "training reward model" in err and "--allow_same_reward_model" in err
+    cfg = _cfg(assets, tmp_path / "out", eval_reward_model=assets["rm_train"], allow_same_reward_model=True)
+    models = check_reward_models(cfg)
+    assert models.same and models.train == assets["rm_train"]
+    from clha.evaluation import build_report
+
+    rows = [{"subset": "harmless_base", **{k: 1.0 for k, _, _ in METRICS}}]
+    report = build_report(_cfg(assets, tmp_path, subsets=["harmless_base"], eval_reward_model=assets["rm_train"],
+                               allow_same_reward_model=True), models, rows, 1)
+    assert report["same_reward_model"] is True
+    assert "evaluation reward model is the training reward model" in render_markdown(report)
+    # Declared on the command line for a checkpoint without clha_config.json.
+    cfg = _cfg(assets, tmp_path, train_reward_model=assets["rm_eval"] + "/")
+    with pytest.raises(InputError, match="training reward model"):
+        check_reward_models(cfg)
+
+
+def test_same_reward_model_identity(tmp_path, assets):
+    link = tmp_path / "link"
+    link.symlink_to(assets["rm_eval"])
+    copy = tmp_path / "oasst-rm-2-pythia-6.9b-epoch-1"
+    shutil.copytree(assets["rm_eval"], copy)
+    assert same_reward_model(assets["rm_eval"], str(link))
+    assert same_reward_model(assets["rm_eval"], assets["rm_eval"] + "/")
+    assert same_reward_model(assets["rm_eval"], str(copy))                 # a copy of the same files
+    assert same_reward_model("OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1", str(copy))   # hub id vs local copy
+    assert not same_reward_model(assets["rm_eval"], assets["rm_train"])
+    assert not same_reward_model("OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1",
+                                 "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5")
+
+
+def test_plain_model_without_training_config(assets, tmp_path):
+    """A base model folder (no clha_config.json): evaluated, training RM reported as unknown."""
+    base = tmp_path / "base"
+    shutil.copytree(assets["policy"], base)
+    (base / "clha_config.json").unlink()
+    cfg = _cfg(assets, tmp_path / "out", model_path=str(base), subsets=["helpful_online"], limit=2)
+    _run_stages_locally(cfg, world=1)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["train_reward_model"] is None and report["subsets"]["helpful_online"]["n"] == 2
+    assert "training reward model: `unknown`" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_script_usage_error():
+    proc = subprocess.run(["bash", str(REPO / "eval_hh" / "run_infer_main_dist.sh")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage" in proc.stderr

@@ -1,0 +1,251 @@
+"""Greedy generation (clha/generation.py) on tiny Llama models built from a config."""
+
+import pytest
+import torch
+
+from clha.data.format import ASSISTANT, PROMPTER, render_prompt
+from clha.data.tokenize import encode_pair, encode_prompt
+from clha.generation import STOP_PATTERN, cut_response, generate_responses, generate_with_details
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tiny models are far faster on one thread, and the machine is shared.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from clha.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A tiny Llama whose weights are large enough that different prompts give different greedy outputs."""
+    from clha.tiny import build_causal_lm
+
+    lm = build_causal_lm(tokenizer, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in lm.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
+    return lm.eval()
+
+
+def _prompts():
+    words = "the cat sat on a mat and we like to talk about bread rain chess music trees".split()
+    prompts = []
+    for i in range(7):
+        turns = [PROMPTER + " ".join(words[: 2 + (i * 5) % 13])]
+        if i % 3 == 1:
+            turns += [ASSISTANT + " ".join(words[i: i + 4]), PROMPTER + "and " + words[i]]
+        prompts.append(turns + [ASSISTANT])
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------- cut rules
+@pytest.mark.parametrize("text, expected", [
+    ("  Sure, here it is.  ", "Sure, here it is."),
+    ("Paris.\n\nHuman: and Rome?", "Paris."),
+    ("Paris. human: and Rome?", "Paris."),
+    ("Paris. HUMAN: and Rome?", "Paris."),
+    ("Fine.\n\nAssistant: again", "Fine."),
+    ("Fine. ASSISTANT:", "Fine."),
+    ("a Assistant: b Human: c", "a"),
+    ("a Human: b Assistant: c", "a"),
+    ("Human: straight away", ""),
+    ("The human body: a guide", "The human body: a guide"),   # a colon not right after the word
+    ("Humans: plural is not a tag", "Humans: plural is not a tag"),
+    ("Human - no colon", "Human - no colon"),
+    ("", ""),
+    ("line one\n\nline two\n", "line one\n\nline two"),   # blank lines inside a reply are kept
+])
+def test_cut_response(text, expected):
+    assert cut_response(text) == expected
+
+
+def test_stop_pattern_is_case_insensitive():
+    for tag in ("Human:", "human:", "hUmAn:", "Assistant:", "assistant:", "ASSISTANT:"):
+        assert STOP_PATTERN.search("x " + tag)
+
+
+# ------------------------------------------------------------------------------------------- generation
+def test_input_order_and_batching_do_not_change_outputs(model, tokenizer):
+    prompts = _prompts()
+    lengths = [len(encode_prompt(tokenizer, render_prompt(p), 512)) for p in prompts]
+    assert len(set(lengths)) > 3, "the prompts must have mixed lengths"
+    one_at_a_time = [generate_responses(model, tokenizer, [p], max_new_tokens=24)[0] for p in prompts]
+    assert len(set(one_at_a_time)) > 3, "the tiny model should answer different prompts differently"
+    for batch_size in (3, 8):
+        assert generate_responses(model, tokenizer, prompts, max_new_tokens=24, batch_size=batch_size) == one_at_a_time
+    reversed_out = generate_responses(model, tokenizer, prompts[::-1], max_new_tokens=24, batch_size=3)
+    assert reversed_out == one_at_a_time[::-1]
+
+
+def test_deterministic(model, tokenizer):
+    prompts = _prompts()[:4]
+    assert generate_responses(model, tokenizer, prompts, max_new_tokens=16) == \
+        generate_responses(model, tokenizer, prompts, max_new_tokens=16)
+
+
+class ForwardSpy:
+    """Records the (unpadded) rows of every prefill forward and counts one-token decode forwards."""
+
+    def __init__(self, model):
+        self.prefill_rows, self.decode_steps, self.left_padded = [], 0, True
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        if ids.shape[1] == 1:
+            self.decode_steps += 1
+            return
+        mask = mask[:, -ids.shape[1]:]
+        self.left_padded &= bool((mask[:, -1] == 1).all())
+        self.prefill_rows += [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+    def close(self):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_prompt_ids_match_training_encoding_with_left_truncation(model, tokenizer, engine):
+    block_size = 160   # prompts are cut from the left to 32 tokens
+    long_prompt = [PROMPTER + "first question about bread " * 10, ASSISTANT + "an answer about rain " * 6,
+                   PROMPTER + "the latest question about chess?", ASSISTANT]
+    short_prompt = [PROMPTER + "hi", ASSISTANT]
+    spy = ForwardSpy(model)
+    try:
+        generate_with_details(model, tokenizer, [short_prompt, long_prompt], block_size=block_size, max_new_tokens=4,
+                              batch_size=2, engine=engine)
+    finally:
+        spy.close()
+    rows = spy.prefill_rows
+    assert spy.left_padded, "padding must be on the left"
+    # Sorted longest first.
+    assert rows[0] == encode_prompt(tokenizer, render_prompt(long_prompt), block_size)
+    assert rows[1] == encode_prompt(tokenizer, render_prompt(short_prompt), block_size)
+    assert len(rows[0]) == block_size - 128
+    # The same ids the training collator puts before a response.
+    assert rows[0] == encode_pair(tokenizer, render_prompt(long_prompt), "x", block_size).prompt_ids
+    assert tokenizer.decode(rows[0]).endswith("the latest question about chess?\n\nAssistant:")
+
+
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_max_new_tokens_is_respected(model, tokenizer, engine):
+    spy = ForwardSpy(model)
+    try:
+        gens = generate_with_details(model, tokenizer, _prompts()[:3], max_new_tokens=5, engine=engine)
+    finally:
+        spy.close()
+    assert {g.stop for g in gens} == {"length"}
+    assert spy.decode_steps == 4      # the prefill gives the first token, 4 steps the other 4
+
+
+def test_no_pad_token_uses_eos(model, tokenizer):
+    from clha.tiny import build_tokenizer
+
+    no_pad = build_tokenizer()
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    prompts = _prompts()
+    expected = generate_responses(model, tokenizer, prompts, max_new_tokens=12, batch_size=4)
+    assert generate_responses(model, no_pad, prompts, max_new_tokens=12, batch_size=4) == expected
+    assert no_pad.pad_token_id is None, "the caller's tokenizer must not be changed"
+
+
+def test_training_mode_restored(model, tokenizer):
+    model.train()
+    model.model.layers[0].eval()      # a sub-module deliberately in eval mode stays so
+    try:
+        generate_responses(model, tokenizer, _prompts()[:2], max_new_tokens=3)
+        assert model.training and model.model.layers[1].training
+        assert not model.model.layers[0].training
+    finally:
+        model.eval()
+    generate_responses(model, tokenizer, _prompts()[:2], max_new_tokens=3)
+    assert not model.training
+
+
+def test_empty_and_bad_prompts(model, tokenizer):
+    assert generate_responses(model, tokenizer, [], max_new_tokens=3) == []
+    with pytest.raises(TypeError):
+        generate_responses(model, tokenizer, ["\n\nHuman: hi\n\nAssistant:"], max_new_tokens=3)
+    with pytest.raises(ValueError):
+        generate_responses(model, tokenizer, [["no marker", ASSISTANT]], max_new_tokens=3)
+    with pytest.raises(ValueError):
+        generate_responses(model, tokenizer, _prompts()[:1], batch_size=0)
+
+
+def test_stops_early_at_stop_string(tokenizer):
+    """A tiny model over-fitted to one dialogue writes 'ok sure Human: ...': the response is cut and the batch
+    stops a few tokens after the stop string instead of running to max_new_tokens."""
+    from clha.tiny import build_causal_lm
+
+    lm = build_causal_lm(tokenizer, seed=0)
+    turns = [PROMPTER + "hi", ASSISTANT]
+    target = "ok sure Human: more more more more more more more more"
+    ids = torch.tensor([encode_pair(tokenizer, render_prompt(turns), target, 256).input_ids])
+    opt = torch.optim.Adam(lm.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(60):
+        loss = lm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    lm.eval()
+    calls = []
+    hook = lm.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        out = generate_responses(lm, tokenizer, [turns, list(turns)], max_new_tokens=100)
+    finally:
+        hook.remove()
+    assert out == ["ok sure", "ok sure"]
+    assert len(calls) < 40, f"generation ran {len(calls)} steps; the stop string should end it early"
+    assert [g.stop for g in generate_with_details(lm, tokenizer, [turns], max_new_tokens=100)] == ["stop_string"]
+
+
+def test_stop_reasons(model, tokenizer):
+    """The random tiny model never writes EOS: every response runs to the limit. With EOS declared to be the
+    token it writes first, generation ends at once with an empty response."""
+    prompts = _prompts()[:3]
+    assert {g.stop for g in generate_with_details(model, tokenizer, prompts, max_new_tokens=6)} == {"length"}
+    first = model.generate(input_ids=torch.tensor([encode_prompt(tokenizer, render_prompt(prompts[0]), 512)]),
+                           max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, -1].item()
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [first]
+    try:
+        gens = generate_with_details(model, tokenizer, prompts[:1], max_new_tokens=6)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert gens[0].stop == "eos" and gens[0].response == ""
+
+
+def test_fast_engine_matches_transformers_generate(model, tokenizer):
+    from clha.generation import fast_engine_supported
+
+    assert fast_engine_supported(model)
+    prompts = _prompts() * 2
+    for batch_size in (1, 5, 14):
+        fast = generate_with_details(model, tokenizer, prompts, max_new_tokens=20, batch_size=batch_size,
+                                     engine="fast")
+        hf = generate_with_details(model, tokenizer, prompts, max_new_tokens=20, batch_size=batch_size, engine="hf")
+        assert fast == hf
+
+
+def test_prefill_groups_cover_rows_with_little_padding():
+    from clha.generation import PREFILL_MAX_PADDING, _prefill_groups
+
+    lengths = [384, 380, 301, 300, 299, 120, 119, 118, 40, 3, 2, 1]
+    groups = _prefill_groups(lengths)
+    assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    for start, end in groups:
+        positions = lengths[start] * (end - start)
+        assert end - start == 1 or positions - sum(lengths[start:end]) <= PREFILL_MAX_PADDING * positions
