@@ -102,10 +102,31 @@ def load_policy(model_name_or_path: str, gguf_file: Optional[str] = None, dtype_
         raise InputError(f"cannot load a tokenizer: {err}", path=path, field="model_name_or_path") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype_name), **kwargs)
+    model_kwargs = dict(kwargs)
+    if gguf_file:
+        from transformers import GgufConfig
+
+        # Unpack every weight into a dense float model: trainable, and saved as a normal checkpoint.
+        model_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype_name), **model_kwargs)
+    if gguf_file:
+        _drop_gguf_quantizer(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """A de-quantized GGUF model is a plain dense model: forget the GGUF loader so it trains and saves as one."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "is_quantized", False):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property in some versions
+            pass
 
 
 def read_train_files(path: str, n: int) -> List[RankedExample]:
