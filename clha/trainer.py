@@ -104,10 +104,13 @@ def load_policy(model_name_or_path: str, gguf_file: Optional[str] = None, dtype_
         tokenizer.pad_token = tokenizer.eos_token
     model_kwargs = dict(kwargs)
     if gguf_file:
-        from transformers import GgufConfig
-
         # Unpack every weight into a dense float model: trainable, and saved as a normal checkpoint.
-        model_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
+        # (Older transformers always de-quantize GGUF files and have no such option.)
+        try:
+            from transformers import GgufConfig
+            model_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
+        except (ImportError, TypeError):
+            pass
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype_name), **model_kwargs)
     if gguf_file:
         _drop_gguf_quantizer(model)
