@@ -13,6 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# Tiny test models gain nothing from a second thread, and OpenMP threads that spin against other processes make
+# a busy machine many times slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
