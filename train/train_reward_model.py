@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Train (or evaluate) a reward model on preference pairs. Launch with `accelerate launch` (see
+train/train_reward_model.sh); `python train/train_reward_model.py --help` lists every option."""
+
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from clha.errors import InputError  # noqa: E402
+from clha.reward_training import parse_reward_config, run_reward_training  # noqa: E402
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    cfg = parse_reward_config(argv)
+    try:
+        results = run_reward_training(cfg)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    heldout = results.get("heldout") or {}
+    if heldout:
+        subsets = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in heldout["per_subset"].items())
+        print(f"held-out accuracy {heldout['accuracy']:.4f} ({heldout['pairs']} pairs; {subsets}); "
+              f"Spearman with stored rewards {heldout.get('spearman_with_stored', float('nan')):.4f}; "
+              f"train {results['train_seconds'] / 60:.1f} min")
+    if "agreement_with" in results:
+        a = results["agreement_with"]
+        print(f"agreement with {a['other']}: {a['agreement']:.4f} (independent models: {a.get('chance', float('nan')):.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
