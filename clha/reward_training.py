@@ -743,6 +743,11 @@ def load_backbone(model_name_or_path: str, gguf_file: Optional[str] = None):
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load a sequence classifier from it: {err}", path=path,
                          field="model_name_or_path") from None
+    if gguf_file:
+        # GGUF weights are de-quantised to float on load; without this the model refuses to save_pretrained
+        # ("quantized with gguf and is not serializable") although it is a plain float model now.
+        from clha.trainer import _drop_gguf_quantizer
+        _drop_gguf_quantizer(model)
     return model, tokenizer
 
 
@@ -891,10 +896,10 @@ class RewardModelTrainer:
         if acc.is_main_process:
             os.makedirs(cfg.resolved_log_dir(), exist_ok=True)
             (Path(cfg.resolved_log_dir()) / "metrics.jsonl").unlink(missing_ok=True)
-        logger.info("%d training examples %s, %d held-out, %d steps/epoch, %d optimizer steps, %d process(es), "
-                    "max_length %d, mixed precision %s, trainable parameters %s", len(self.encoded),
-                    self.data_info["train"].get("per_subset"), len(self.eval_examples), self.steps_per_epoch,
-                    self.total_steps, self.world, self.max_length, acc.mixed_precision, self.param_counts)
+            logger.info("%d training examples %s, %d held-out, %d steps/epoch, %d optimizer steps, %d process(es), "
+                        "max_length %d, mixed precision %s, trainable parameters %s", len(self.encoded),
+                        self.data_info["train"].get("per_subset"), len(self.eval_examples), self.steps_per_epoch,
+                        self.total_steps, self.world, self.max_length, acc.mixed_precision, self.param_counts)
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:

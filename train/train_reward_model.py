@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":     # other processes of a multi-process launch print nothing
+        return 0
     heldout = results.get("heldout") or {}
     if heldout:
         subsets = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in heldout["per_subset"].items())
