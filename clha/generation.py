@@ -24,6 +24,7 @@ Results come back in input order and do not depend on the batch size or the engi
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from dataclasses import dataclass
@@ -276,6 +277,68 @@ def fast_engine_supported(model) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
+@functools.lru_cache(maxsize=None)
+def _preallocated_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys and values live in a buffer with room for the whole generation.
+
+        `DynamicLayer.update` appends a decode step with `torch.cat`, copying the layer's whole cache at every step;
+        on a CPU that copy costs about as much as the step's matrix products. Here a step writes one column in place
+        and `keys` / `values` are views of the filled part. Dropping finished rows copies the filled part once.
+        """
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+            super().__init__()
+            self.device = keys.device
+            self.length = keys.shape[-2]
+            self._k = self._buffer(keys, max(capacity, self.length))
+            self._v = self._buffer(values, max(capacity, self.length))
+            self.is_initialized = True
+            self._views()
+
+        @staticmethod
+        def _buffer(filled: torch.Tensor, capacity: int) -> torch.Tensor:
+            batch, heads, length, dim = filled.shape
+            buf = filled.new_empty((batch, heads, capacity, dim))
+            buf[:, :, :length] = filled
+            return buf
+
+        def _views(self) -> None:
+            self.keys = self._k[:, :, :self.length]
+            self.values = self._v[:, :, :self.length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            new = key_states.shape[-2]
+            if self.length + new > self._k.shape[-2]:          # more than planned: grow (not hit by _fast_batch)
+                capacity = 2 * (self.length + new)
+                self._k, self._v = self._buffer(self.keys, capacity), self._buffer(self.values, capacity)
+            self._k[:, :, self.length:self.length + new] = key_states
+            self._v[:, :, self.length:self.length + new] = value_states
+            self.length += new
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            capacity = self._k.shape[-2]
+            self._k = self._buffer(self.keys[indices], capacity)
+            self._v = self._buffer(self.values[indices], capacity)
+            self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:   # pragma: no cover - generation never crops
+            raise NotImplementedError("PreallocatedLayer is only used by clha.generation's decode loop")
+
+    return PreallocatedLayer
+
+
+def _preallocate(cache, capacity: int) -> None:
+    """Swap the (filled) layers of a DynamicCache for PreallocatedLayers holding `capacity` positions."""
+    layer_class = _preallocated_layer_class()
+    for i, layer in enumerate(cache.layers):
+        cache.layers[i] = layer_class(layer.keys, layer.values, capacity)
+
+
 def _prefill_groups(lengths: List[int]) -> List[Tuple[int, int]]:
     """Split rows (sorted longest first) into [start, end) groups prefilled together with little padding."""
     groups, start = [], 0
@@ -324,6 +387,7 @@ def _fast_batch(model, tokenizer, rows: List[List[int]], pad_id: int, eos_ids: L
                 values.append(torch.nn.functional.pad(group_cache.layers[layer_idx].values, pad))
             layer.update(torch.cat(keys), torch.cat(values))
         del parts
+    _preallocate(cache, width + max_new_tokens)
 
     _, mask = _left_pad(rows, pad_id)
     mask = mask.to(device)

@@ -249,3 +249,50 @@ def test_prefill_groups_cover_rows_with_little_padding():
     for start, end in groups:
         positions = lengths[start] * (end - start)
         assert end - start == 1 or positions - sum(lengths[start:end]) <= PREFILL_MAX_PADDING * positions
+
+
+def test_rows_leaving_the_batch_keep_their_cache_aligned(model, tokenizer):
+    """With EOS declared to be a token the model writes mid-response, rows of one batch finish at different
+    steps and leave it; the rows that remain must still decode exactly what they decode alone (their KV cache
+    rows, masks and positions selected together, the preallocated cache written in place)."""
+    prompts = _prompts()
+    alone_ids = []
+    for turns in prompts:
+        ids = torch.tensor([encode_prompt(tokenizer, render_prompt(turns), 512)])
+        out = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        alone_ids.append(out[0, ids.shape[1]:].tolist())
+    # the token row 0 writes 5th becomes EOS: rows stop where they first write it, at different steps
+    eos = alone_ids[0][4]
+    ends = {eos, tokenizer.eos_token_id}             # the tokenizer's EOS still ends a row too
+    stops_at = [next((i for i, t in enumerate(ids) if t in ends), None) for ids in alone_ids]
+    assert len(set(stops_at)) >= 3, f"want rows finishing at different steps, got {stops_at}"
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [eos]
+    try:
+        batched = generate_with_details(model, tokenizer, prompts, max_new_tokens=16, batch_size=len(prompts),
+                                        engine="fast")
+        alone = [generate_with_details(model, tokenizer, [p], max_new_tokens=16, engine="hf")[0] for p in prompts]
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert batched == alone
+    assert [g.stop == "eos" for g in batched] == [s is not None for s in stops_at]
+
+
+def test_preallocated_layer_appends_in_place_and_selects_rows():
+    from clha.generation import _preallocated_layer_class
+
+    layer_class = _preallocated_layer_class()
+    keys, values = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
+    layer = layer_class(keys.clone(), values.clone(), capacity=6)
+    buffer = layer._k
+    step_k, step_v = torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5)
+    k, v = layer.update(step_k, step_v)
+    assert layer._k is buffer                       # written in place, no new allocation
+    assert torch.equal(k, torch.cat([keys, step_k], dim=2)) and torch.equal(v, torch.cat([values, step_v], dim=2))
+    assert layer.get_seq_length() == 5
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys, torch.cat([keys, step_k], dim=2)[[2, 0]])
+    k, v = layer.update(step_k[:2], step_v[:2])     # fills the capacity exactly
+    k, v = layer.update(step_k[:2], step_v[:2])     # one more than planned: the buffer grows
+    expected = torch.cat([keys[[2, 0]], step_k[[2, 0]], step_k[:2], step_k[:2]], dim=2)
+    assert torch.equal(k, expected) and layer.get_seq_length() == 7
