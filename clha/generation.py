@@ -14,9 +14,11 @@ Rules (clha-method.md, Evaluation):
 Speed: prompts are sorted by token length (longest first, so memory problems show at once) and batched with left
 padding. Two engines give the same tokens:
 - "fast" (default where the model supports it: a decoder whose `DynamicCache` holds plain full-attention layers,
-  e.g. Llama, Mistral without sliding window, Qwen2, GPT-NeoX): a short greedy loop over the model's forward. The
-  prompts of a batch are prefilled in groups of similar length (little padding is computed) and their KV caches
-  joined, and a row that has produced EOS or a stop string leaves the batch at once, so finished rows cost nothing;
+  e.g. Llama, Mistral without sliding window, Qwen2, GPT-NeoX): a greedy loop over the model's forward with
+  continuous batching. Up to `batch_size` prompts decode together; prompts are prefilled in groups of similar
+  length (little padding is computed); when a quarter of the rows have finished (EOS or a stop string), they are
+  dropped and the next prompts are prefilled into their places, so the batch stays full until the prompts run out.
+  The KV cache is preallocated and written in place instead of being concatenated at every step;
 - "hf": `model.generate` with a stopping criterion that ends a row at a stop string (decoding only the last few
   generated tokens of each row); a batch stops when every row has finished. Used for any other model.
 Results come back in input order and do not depend on the batch size or the engine (up to floating-point ties).
@@ -208,7 +210,6 @@ def generate_with_details(model, tokenizer, prompts: Sequence[Sequence[str]], bl
         engine = "fast" if fast_engine_supported(model) else "hf"
     elif engine == "fast" and not fast_engine_supported(model):
         raise ValueError(f"the fast engine does not support {type(model).__name__}; use engine='hf'")
-    run_batch = _fast_batch if engine == "fast" else _hf_batch
 
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -217,11 +218,18 @@ def generate_with_details(model, tokenizer, prompts: Sequence[Sequence[str]], bl
 
         with torch.inference_mode(), tqdm(total=len(encoded), disable=not show, desc="generate", unit="prompt",
                                           leave=False) as bar:
-            for idx in batches:
-                gens = run_batch(model, tokenizer, [encoded[i] for i in idx], pad_id, eos_ids, max_new_tokens, device)
-                for i, gen in zip(idx, gens):
+            if engine == "fast":
+                gens = _fast_generate(model, tokenizer, [encoded[i] for i in order], pad_id, eos_ids, max_new_tokens,
+                                      device, batch_size, on_finish=lambda: bar.update(1))
+                for i, gen in zip(order, gens):
                     results[i] = gen
-                bar.update(len(idx))
+            else:
+                for idx in batches:
+                    gens = _hf_batch(model, tokenizer, [encoded[i] for i in idx], pad_id, eos_ids, max_new_tokens,
+                                     device)
+                    for i, gen in zip(idx, gens):
+                        results[i] = gen
+                    bar.update(len(idx))
     finally:
         for module, training in modes:
             module.training = training
@@ -298,6 +306,18 @@ def _preallocated_layer_class():
             self.is_initialized = True
             self._views()
 
+        @classmethod
+        def from_buffers(cls, keys_buffer: torch.Tensor, values_buffer: torch.Tensor, length: int):
+            """A layer over buffers whose first `length` columns are filled."""
+            layer = cls.__new__(cls)
+            DynamicLayer.__init__(layer)
+            layer.device = keys_buffer.device
+            layer.length = length
+            layer._k, layer._v = keys_buffer, values_buffer
+            layer.is_initialized = True
+            layer._views()
+            return layer
+
         @staticmethod
         def _buffer(filled: torch.Tensor, capacity: int) -> torch.Tensor:
             batch, heads, length, dim = filled.shape
@@ -311,7 +331,7 @@ def _preallocated_layer_class():
 
         def update(self, key_states, value_states, *args, **kwargs):
             new = key_states.shape[-2]
-            if self.length + new > self._k.shape[-2]:          # more than planned: grow (not hit by _fast_batch)
+            if self.length + new > self._k.shape[-2]:          # more than planned: grow (not hit by _fast_generate)
                 capacity = 2 * (self.length + new)
                 self._k, self._v = self._buffer(self.keys, capacity), self._buffer(self.values, capacity)
             self._k[:, :, self.length:self.length + new] = key_states
@@ -332,13 +352,6 @@ def _preallocated_layer_class():
     return PreallocatedLayer
 
 
-def _preallocate(cache, capacity: int) -> None:
-    """Swap the (filled) layers of a DynamicCache for PreallocatedLayers holding `capacity` positions."""
-    layer_class = _preallocated_layer_class()
-    for i, layer in enumerate(cache.layers):
-        cache.layers[i] = layer_class(layer.keys, layer.values, capacity)
-
-
 def _prefill_groups(lengths: List[int]) -> List[Tuple[int, int]]:
     """Split rows (sorted longest first) into [start, end) groups prefilled together with little padding."""
     groups, start = [], 0
@@ -355,76 +368,128 @@ def _prefill_groups(lengths: List[int]) -> List[Tuple[int, int]]:
     return groups
 
 
-def _fast_batch(model, tokenizer, rows: List[List[int]], pad_id: int, eos_ids: List[int], max_new_tokens: int,
-                device) -> List[Generation]:
-    cache_arg, has_keep = _forward_names(model)
-    extra = {"logits_to_keep": 1} if has_keep else {}
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))      # prefill groups want sorted rows
-    rows = [rows[i] for i in order]
-    lengths = [len(r) for r in rows]
-    width = max(lengths)
+def _prefill(model, rows: List[List[int]], pad_id: int, device, cache_arg: str, extra: dict):
+    """Prefill rows (sorted longest first) in groups of similar length.
 
-    # Prefill each group of similar length, then join the caches, left-padded to the batch's longest prompt.
-    groups = _prefill_groups(lengths)
-    cache, first_logits, parts = None, [], []
-    for start, end in groups:
+    Returns the first generated token of every row and, per group, (first row, number of rows, group width, cache);
+    a group's rows are left-padded to its width."""
+    first_logits, parts, done = [], [], 0
+    for start, end in _prefill_groups([len(r) for r in rows]):
         ids, mask = _left_pad(rows[start:end], pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         group_cache = _new_cache(model)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                     use_cache=True, **{cache_arg: group_cache}, **extra)
         first_logits.append(out.logits[:, -1])
-        parts.append((ids.shape[1], group_cache))
-    if len(parts) == 1:
-        cache = parts[0][1]
-    else:
-        cache = _new_cache(model)
-        for layer_idx, layer in enumerate(cache.layers):
-            keys, values = [], []
-            for group_width, group_cache in parts:
-                pad = (0, 0, width - group_width, 0)     # left-pad the sequence dimension
-                keys.append(torch.nn.functional.pad(group_cache.layers[layer_idx].keys, pad))
-                values.append(torch.nn.functional.pad(group_cache.layers[layer_idx].values, pad))
-            layer.update(torch.cat(keys), torch.cat(values))
-        del parts
-    _preallocate(cache, width + max_new_tokens)
+        parts.append((done, end - start, ids.shape[1], group_cache))
+        done += end - start
+    return torch.cat(first_logits).argmax(-1), parts
 
-    _, mask = _left_pad(rows, pad_id)
-    mask = mask.to(device)
-    next_pos = torch.tensor(lengths, device=device)                      # position of the next token per row
-    next_tokens = torch.cat(first_logits).argmax(-1)
-    active = list(range(len(rows)))                                     # rows still generating, in batch order
+
+def _rebuild_cache(model, old_cache, old_width: int, keep: torch.Tensor, parts, width: int, capacity: int):
+    """A cache of the kept rows of `old_cache` followed by the prefilled new rows, all right-aligned at `width`
+    columns (a row's tokens are its last columns; the columns left of them are zeros and masked), with room for
+    `capacity` columns. Columns no remaining row uses are dropped, so the width follows the live rows."""
+    layer_class = _preallocated_layer_class()
+    n_keep = int(keep.numel())
+    n_new = sum(n for _, n, _, _ in parts)
+    cache = _new_cache(model)
+    for i in range(len(cache.layers)):
+        tensors = []
+        for kind in ("keys", "values"):
+            ref = getattr(old_cache.layers[i], kind) if n_keep else getattr(parts[0][3].layers[i], kind)
+            buf = ref.new_zeros((n_keep + n_new, ref.shape[1], capacity, ref.shape[3]))
+            if n_keep:
+                span = min(width, old_width)
+                buf[:n_keep, :, width - span:width] = getattr(old_cache.layers[i], kind)[keep, :, old_width - span:]
+            for first, n, group_width, group_cache in parts:
+                rows = slice(n_keep + first, n_keep + first + n)
+                buf[rows, :, width - group_width:width] = getattr(group_cache.layers[i], kind)
+            tensors.append(buf)
+        cache.layers[i] = layer_class.from_buffers(tensors[0], tensors[1], width)
+    return cache
+
+
+def _fast_generate(model, tokenizer, rows: List[List[int]], pad_id: int, eos_ids: List[int], max_new_tokens: int,
+                   device, batch_size: int, on_finish=None) -> List[Generation]:
+    """Greedy generation with continuous batching over `rows` (prompt ids, sorted longest first).
+
+    Up to `batch_size` rows decode together. A finished row stays in the batch (its slot computes on, ignored) until
+    a quarter of the slots are free; then, in one copy of the cache, finished rows are dropped and the next prompts
+    are prefilled into the free slots. The batch stays full until the prompts run out, which matters on a CPU, where a
+    decode step streams every weight from memory whether it serves 5 rows or 50.
+    """
+    cache_arg, has_keep = _forward_names(model)
+    extra = {"logits_to_keep": 1} if has_keep else {}
+    refill_at = max(1, batch_size // 4)
+    results: List[Optional[Generation]] = [None] * len(rows)
     generated: List[List[int]] = [[] for _ in rows]
-    stops: List[str] = ["length"] * len(rows)
-    for step in range(max_new_tokens):
-        keep = []
-        for j, (row, token) in enumerate(zip(active, next_tokens.tolist())):
+
+    slot_row: List[int] = []          # input row held by each cache row
+    slot_live: List[bool] = []
+    cache, width, pending = None, 0, 0
+    filled = positions = next_tokens = None   # per slot: cache columns used, next position id, token to consume
+
+    def finish(slot: int, stop: str) -> None:
+        row = slot_row[slot]
+        slot_live[slot] = False
+        results[row] = Generation(cut_response(tokenizer.decode(generated[row], skip_special_tokens=True)), stop)
+        if on_finish is not None:
+            on_finish()
+
+    while True:
+        live = sum(slot_live)
+        refill = pending < len(rows) and batch_size - live >= min(refill_at, len(rows) - pending)
+        # Once every prompt has started, finished slots are dropped when they are at least half the batch.
+        compact = pending >= len(rows) and 0 < live <= len(slot_live) - live
+        if refill or compact:
+            # Drop finished slots and prefill the next prompts into the free ones, in one copy of the cache.
+            keep = [j for j, alive in enumerate(slot_live) if alive]
+            new = list(range(pending, min(len(rows), pending + batch_size - live)))
+            pending += len(new)
+            if new:
+                first, parts = _prefill(model, [rows[r] for r in new], pad_id, device, cache_arg, extra)
+            else:
+                first, parts = next_tokens[:0], []
+            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+            new_len = torch.tensor([len(rows[r]) for r in new], dtype=torch.long, device=device)
+            kept_filled = filled[keep_t] if keep else new_len[:0]
+            new_width = max(int(kept_filled.max()) if keep else 0, int(new_len.max()) if new else 0)
+            cache = _rebuild_cache(model, cache, width, keep_t, parts, new_width, new_width + max_new_tokens)
+            width = new_width
+            filled = torch.cat([kept_filled, new_len])
+            positions = torch.cat([positions[keep_t] if keep else new_len[:0], new_len])
+            next_tokens = torch.cat([next_tokens[keep_t] if keep else first[:0], first])
+            slot_row = [slot_row[j] for j in keep] + new
+            slot_live = [True] * len(slot_row)
+
+        # Consume the token each live slot has just produced.
+        for j, token in enumerate(next_tokens.tolist()):
+            if not slot_live[j]:
+                continue
+            row = slot_row[j]
             if token in eos_ids:
-                stops[row] = "eos"
+                finish(j, "eos")
                 continue
             generated[row].append(token)
-            tail = tokenizer.decode(generated[row][-_TAIL_TOKENS:], skip_special_tokens=True)
-            if STOP_PATTERN.search(tail):
-                stops[row] = "stop_string"
-                continue
-            keep.append(j)
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(active):                                     # finished rows leave the batch
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, next_pos, next_tokens = mask[index], next_pos[index], next_tokens[index]
-            active = [active[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+            if STOP_PATTERN.search(tokenizer.decode(generated[row][-_TAIL_TOKENS:], skip_special_tokens=True)):
+                finish(j, "stop_string")
+            elif len(generated[row]) >= max_new_tokens:
+                finish(j, "length")
+        if not any(slot_live):
+            if pending >= len(rows):
+                break
+            continue
+
+        # One decode step for every slot; finished slots keep their position and compute on, unused.
+        live_t = torch.tensor(slot_live, device=device)
+        mask = torch.arange(width + 1, device=device)[None, :] >= (width - filled)[:, None]
+        out = model(input_ids=next_tokens[:, None], attention_mask=mask.long(), position_ids=positions[:, None],
                     use_cache=True, **{cache_arg: cache}, **extra)
         next_tokens = out.logits[:, -1].argmax(-1)
-        next_pos = next_pos + 1
-
-    results: List[Optional[Generation]] = [None] * len(rows)
-    for row, position in enumerate(order):
-        text = tokenizer.decode(generated[row], skip_special_tokens=True)
-        results[position] = Generation(cut_response(text), stops[row])
+        width += 1
+        filled = filled + 1
+        positions = positions + live_t.long()
     return results  # type: ignore[return-value]
 
 

@@ -251,11 +251,13 @@ def test_prefill_groups_cover_rows_with_little_padding():
         assert end - start == 1 or positions - sum(lengths[start:end]) <= PREFILL_MAX_PADDING * positions
 
 
-def test_rows_leaving_the_batch_keep_their_cache_aligned(model, tokenizer):
-    """With EOS declared to be a token the model writes mid-response, rows of one batch finish at different
-    steps and leave it; the rows that remain must still decode exactly what they decode alone (their KV cache
-    rows, masks and positions selected together, the preallocated cache written in place)."""
-    prompts = _prompts()
+@pytest.mark.parametrize("batch_size", [14, 4, 3])
+def test_rows_leaving_the_batch_keep_their_cache_aligned(model, tokenizer, batch_size):
+    """With EOS declared to be a token the model writes mid-response, rows finish at different steps; with a
+    batch smaller than the prompt list, new prompts are prefilled into the freed slots while other rows are
+    mid-response. Every row must still decode exactly what it decodes alone (cache rows, masks and positions
+    moved together, new rows right-aligned with the running ones, the preallocated cache written in place)."""
+    prompts = _prompts() * 2
     alone_ids = []
     for turns in prompts:
         ids = torch.tensor([encode_prompt(tokenizer, render_prompt(turns), 512)])
@@ -269,7 +271,7 @@ def test_rows_leaving_the_batch_keep_their_cache_aligned(model, tokenizer):
     saved = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = [eos]
     try:
-        batched = generate_with_details(model, tokenizer, prompts, max_new_tokens=16, batch_size=len(prompts),
+        batched = generate_with_details(model, tokenizer, prompts, max_new_tokens=16, batch_size=batch_size,
                                         engine="fast")
         alone = [generate_with_details(model, tokenizer, [p], max_new_tokens=16, engine="hf")[0] for p in prompts]
     finally:
