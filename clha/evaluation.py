@@ -286,10 +286,15 @@ def load_policy(cfg: EvalConfig, device):
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load the tokenizer: {err}", path=cfg.model_path, field="model_path") from None
+    from clha.trainer import _drop_gguf_quantizer, gguf_load_kwargs
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=_torch_dtype(cfg.dtype, device), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=_torch_dtype(cfg.dtype, device),
+                                                     **gguf_load_kwargs(cfg.gguf_file))
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load the model: {err}", path=cfg.model_path, field="model_path") from None
+    if cfg.gguf_file:
+        _drop_gguf_quantizer(model)
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -102,21 +102,27 @@ def load_policy(model_name_or_path: str, gguf_file: Optional[str] = None, dtype_
         raise InputError(f"cannot load a tokenizer: {err}", path=path, field="model_name_or_path") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model_kwargs = dict(kwargs)
-    if gguf_file:
-        # Unpack every weight into a dense float model: trainable, and saved as a normal checkpoint.
-        # (Older transformers always de-quantize GGUF files and have no such option.)
-        try:
-            from transformers import GgufConfig
-            model_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
-        except (ImportError, TypeError):
-            pass
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype_name), **model_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype_name), **gguf_load_kwargs(gguf_file))
     if gguf_file:
         _drop_gguf_quantizer(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def gguf_load_kwargs(gguf_file: Optional[str]) -> dict:
+    """`from_pretrained` keyword arguments that unpack a GGUF file into a dense float model (trainable, saved as a
+    normal checkpoint, and run by the ordinary float kernels); {} without a GGUF file. Call
+    `_drop_gguf_quantizer` on the loaded model."""
+    if not gguf_file:
+        return {}
+    kwargs = {"gguf_file": gguf_file}
+    try:
+        from transformers import GgufConfig
+        kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
+    except (ImportError, TypeError):   # older transformers always de-quantize GGUF files and have no such option
+        pass
+    return kwargs
 
 
 def _drop_gguf_quantizer(model) -> None:
