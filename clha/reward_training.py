@@ -735,18 +735,20 @@ def load_backbone(model_name_or_path: str, gguf_file: Optional[str] = None):
             raise InputError(f"GGUF file {gguf_file!r} not found in the model folder", path=path, field="gguf_file")
     elif not _is_hub_id(path):
         raise InputError("model path does not exist", path=path, field="model_name_or_path")
+    from clha.trainer import _drop_gguf_quantizer, gguf_load_kwargs
+
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
-                                                                   ignore_mismatched_sizes=True, **kwargs)
+                                                                   ignore_mismatched_sizes=True,
+                                                                   **gguf_load_kwargs(gguf_file))
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load a sequence classifier from it: {err}", path=path,
                          field="model_name_or_path") from None
     if gguf_file:
         # GGUF weights are de-quantised to float on load; without this the model refuses to save_pretrained
         # ("quantized with gguf and is not serializable") although it is a plain float model now.
-        from clha.trainer import _drop_gguf_quantizer
         _drop_gguf_quantizer(model)
     return model, tokenizer
 

@@ -102,7 +102,11 @@ def load_policy(model_name_or_path: str, gguf_file: Optional[str] = None, dtype_
         raise InputError(f"cannot load a tokenizer: {err}", path=path, field="model_name_or_path") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype_name), **gguf_load_kwargs(gguf_file))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype_name),
+                                                     **gguf_load_kwargs(gguf_file))
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load a causal LM: {err}", path=path, field="model_name_or_path") from None
     if gguf_file:
         _drop_gguf_quantizer(model)
     if model.config.pad_token_id is None:
@@ -131,6 +135,7 @@ def _drop_gguf_quantizer(model) -> None:
         model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.config.__dict__.pop("_is_quantized", None)
     if getattr(model, "is_quantized", False):
         try:
             model.is_quantized = False
