@@ -5,8 +5,9 @@ Generation, same model, same prompts, greedy, at most --max_new_tokens new token
 - reference (re-implemented from PRO/CLHA's eval_hh/infer_func_now.py): every prompt padded to the longest prompt
   of the whole set, fixed batches of 28 in input order, no length sorting, no early stop (each batch runs until all
   rows hit EOS or the token limit), responses found by removing the decoded prompt from the decoded text;
-- this project (`clha.generation.generate_with_details`): prompts sorted by length, each batch padded to its own
-  longest prompt, a batch stops once every row produced EOS or "Human:"/"Assistant:", responses sliced from ids.
+- this project (`clha.generation.generate_with_details`): prompts sorted by length and prefilled in groups of
+  similar length; continuous batching (rows that produced EOS or "Human:"/"Assistant:" are replaced by the next
+  prompts), a preallocated KV cache, responses sliced from ids.
 Reported: wall time, prompts/s and useful new tokens/s (tokens of the final, cut responses, counted the same way for
 both), how many token positions the model ran over, and how many responses are identical.
 
