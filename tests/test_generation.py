@@ -298,3 +298,37 @@ def test_preallocated_layer_appends_in_place_and_selects_rows():
     k, v = layer.update(step_k[:2], step_v[:2])     # one more than planned: the buffer grows
     expected = torch.cat([keys[[2, 0]], step_k[[2, 0]], step_k[:2], step_k[:2]], dim=2)
     assert torch.equal(k, expected) and layer.get_seq_length() == 7
+
+
+def _tiny_other_arch(arch: str, vocab_size: int):
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    if arch == "gpt2":   # learned absolute positions, fused qkv, no GQA
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+                                        bos_token_id=None, eos_token_id=None))
+    else:                # rotary positions, grouped-query attention with biases
+        lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=128))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in lm.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
+    return lm.eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_continuous_batching_matches_generate_on_other_architectures(tokenizer, arch):
+    """The fast engine on GPT-2 and Qwen2: with rows finishing at different steps and a batch of 3 over 7 prompts
+    (refills mid-response), every response and stop reason equals transformers' generate on the prompt alone."""
+    from clha.generation import fast_engine_supported
+
+    lm = _tiny_other_arch(arch, len(tokenizer))
+    assert fast_engine_supported(lm)
+    prompts = _prompts()
+    first = generate_with_details(lm, tokenizer, prompts[:1], max_new_tokens=16, engine="hf")[0]
+    ids = tokenizer(first.response, add_special_tokens=False)["input_ids"]
+    lm.generation_config.eos_token_id = [ids[min(4, len(ids) - 1)]]   # a token the model writes mid-response
+    alone = [generate_with_details(lm, tokenizer, [p], max_new_tokens=16, engine="hf")[0] for p in prompts]
+    assert len({g.stop for g in alone}) >= 2, "want rows that stop at EOS and rows that run to the limit"
+    assert generate_with_details(lm, tokenizer, prompts, max_new_tokens=16, batch_size=3, engine="fast") == alone
