@@ -191,12 +191,9 @@ class PreferenceExample:
 
     @property
     def first_human_turn(self) -> str:
-        from clha.data.format import PROMPTER
+        from clha.data.format import first_human_turn
 
-        for turn in self.prompt:
-            if turn.startswith(PROMPTER):
-                return turn[len(PROMPTER):]
-        return ""
+        return first_human_turn(self.prompt)
 
     def has_pairs(self) -> bool:
         """At least two candidates with different texts (identical candidates carry no preference)."""

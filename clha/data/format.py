@@ -40,6 +40,14 @@ def render_prompt(turns: List[str]) -> str:
     return "".join(parts).rstrip()
 
 
+def first_human_turn(turns: List[str]) -> str:
+    """Text of the first human turn of marker turns ("" when there is none): what prompt grouping keys on."""
+    for turn in turns:
+        if turn.startswith(PROMPTER):
+            return turn[len(PROMPTER):]
+    return ""
+
+
 def model_input_text(prompt: str, response: str) -> str:
     """The text a causal LM is trained on: prompt + " " + response."""
     return prompt + " " + response

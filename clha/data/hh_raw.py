@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from clha.data.format import ASSISTANT, PROMPTER
+from clha.data.format import ASSISTANT, PROMPTER, first_human_turn
 from clha.errors import InputError
 from clha.fileio import iter_jsonl
 
@@ -85,10 +85,7 @@ class RawPair:
 
     @property
     def first_human_turn(self) -> str:
-        for turn in self.prompt:
-            if turn.startswith(PROMPTER):
-                return turn[len(PROMPTER):]
-        return ""
+        return first_human_turn(self.prompt)
 
 
 @dataclass
