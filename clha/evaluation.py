@@ -286,15 +286,13 @@ def load_policy(cfg: EvalConfig, device):
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load the tokenizer: {err}", path=cfg.model_path, field="model_path") from None
-    from clha.trainer import _drop_gguf_quantizer, gguf_load_kwargs
+    from clha.trainer import from_pretrained_dense
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=_torch_dtype(cfg.dtype, device),
-                                                     **gguf_load_kwargs(cfg.gguf_file))
+        model = from_pretrained_dense(AutoModelForCausalLM, location, cfg.gguf_file,
+                                      dtype=_torch_dtype(cfg.dtype, device))
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load the model: {err}", path=cfg.model_path, field="model_path") from None
-    if cfg.gguf_file:
-        _drop_gguf_quantizer(model)
     model.to(device)
     model.eval()
     return model, tokenizer

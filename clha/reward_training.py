@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -42,8 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clha.config import _f
 from clha.data.splits import DEFAULT_SEED as PARTITION_SEED
 from clha.errors import InputError
+from clha.trainer import _looks_local, adamw_param_groups, from_pretrained_dense, make_accelerator
 
 logger = logging.getLogger("clha.reward_training")
 
@@ -56,10 +58,6 @@ DISTILL_TARGETS = ("reward", "margin")
 # ==============================================================================================================
 # Config
 # ==============================================================================================================
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
 
 @dataclass
 class RewardTrainConfig:
@@ -712,10 +710,6 @@ def epoch_batches(lengths: Sequence[int], subsets: Sequence[str], batch_size: in
 # Model
 # ==============================================================================================================
 
-def _is_hub_id(path: str) -> bool:
-    return not path.startswith((".", "/", "~")) and path.count("/") <= 1 and "\\" not in path
-
-
 def load_backbone(model_name_or_path: str, gguf_file: Optional[str] = None):
     """(model, tokenizer): any Hugging Face model as a one-label sequence classifier, float32.
 
@@ -730,23 +724,16 @@ def load_backbone(model_name_or_path: str, gguf_file: Optional[str] = None):
     if os.path.exists(path):
         if gguf_file and not os.path.isfile(os.path.join(path, gguf_file)):
             raise InputError(f"GGUF file {gguf_file!r} not found in the model folder", path=path, field="gguf_file")
-    elif not _is_hub_id(path):
+    elif _looks_local(path):
         raise InputError("model path does not exist", path=path, field="model_name_or_path")
-    from clha.trainer import _drop_gguf_quantizer, gguf_load_kwargs
-
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
-                                                                   ignore_mismatched_sizes=True,
-                                                                   **gguf_load_kwargs(gguf_file))
+        model = from_pretrained_dense(AutoModelForSequenceClassification, path, gguf_file, num_labels=1,
+                                      dtype=torch.float32, ignore_mismatched_sizes=True)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load a sequence classifier from it: {err}", path=path,
                          field="model_name_or_path") from None
-    if gguf_file:
-        # GGUF weights are de-quantised to float on load; without this the model refuses to save_pretrained
-        # ("quantized with gguf and is not serializable") although it is a plain float model now.
-        _drop_gguf_quantizer(model)
     return model, tokenizer
 
 
@@ -795,25 +782,6 @@ def disable_dropout(model) -> int:
         if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
             module.attention_dropout = 0.0
     return count
-
-
-def make_accelerator(cfg: RewardTrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Several CPU processes: accelerate sets no process-group backend without CUDA; gloo works. (A single
-        # process must not get one: accelerate would then expect an initialised process group.)
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    kwargs = {"mixed_precision": cfg.mixed_precision} if cfg.mixed_precision else {}
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              kwargs_handlers=handlers, **kwargs)
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
-        plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0
-    return accelerator
 
 
 def save_reward_model(model, tokenizer, out_dir: str | os.PathLike, config: Dict[str, Any], max_length: int,
@@ -881,10 +849,7 @@ class RewardModelTrainer:
         self.steps_per_epoch = math.ceil(batches / per_step)
         total = math.ceil(self.steps_per_epoch * cfg.num_train_epochs)
         self.total_steps = min(total, cfg.max_train_steps) if cfg.max_train_steps else total
-        decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n)]
-        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n)]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+        optimizer = torch.optim.AdamW(adamw_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
@@ -1127,11 +1092,6 @@ class RewardModelTrainer:
         if self._writer:
             self._writer.close()
         return results
-
-
-def _no_decay(name: str) -> bool:
-    lowered = name.lower()
-    return lowered.endswith("bias") or "norm" in lowered
 
 
 def _fmt(value: Optional[float]) -> str:

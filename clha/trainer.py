@@ -52,22 +52,38 @@ class Position:
     best_step: Optional[int] = None
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg):
+    """The Accelerator of a training run, from a config with gradient_accumulation_steps,
+    per_device_train_batch_size, max_grad_norm and, optionally, mixed_precision (else what `accelerate launch`
+    was told). Used by the policy trainer and the reward-model trainer."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Without CUDA accelerate sets no process-group backend; DeepSpeed on the CPU needs gloo.
+        # Without CUDA accelerate sets no process-group backend; DeepSpeed on the CPU needs gloo. (A single
+        # process must not get one: accelerate would then expect an initialised process group.)
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    mixed_precision = getattr(cfg, "mixed_precision", None)
+    kwargs = {"mixed_precision": mixed_precision} if mixed_precision else {}
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              kwargs_handlers=handlers)
+                              kwargs_handlers=handlers, **kwargs)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         ds = plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
         ds["gradient_clipping"] = cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0
     return accelerator
+
+
+def adamw_param_groups(model, weight_decay: float) -> List[dict]:
+    """Trainable parameters in two AdamW groups: weight decay on weights, none on biases and norms."""
+    no_decay = ("bias", "norm")
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (plain if any(k in name.lower() for k in no_decay) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
 def _looks_local(path: str) -> bool:
@@ -103,15 +119,22 @@ def load_policy(model_name_or_path: str, gguf_file: Optional[str] = None, dtype_
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype_name),
-                                                     **gguf_load_kwargs(gguf_file))
+        model = from_pretrained_dense(AutoModelForCausalLM, path, gguf_file, dtype=resolve_dtype(dtype_name))
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load a causal LM: {err}", path=path, field="model_name_or_path") from None
-    if gguf_file:
-        _drop_gguf_quantizer(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def from_pretrained_dense(auto_class, path: str, gguf_file: Optional[str] = None, **kwargs):
+    """`auto_class.from_pretrained(path, **kwargs)`; with a GGUF file inside `path`, its weights unpacked into a
+    dense float model that trains and saves like any other (the policy trainer, evaluation and the reward-model
+    trainer all load through here)."""
+    model = auto_class.from_pretrained(path, **kwargs, **gguf_load_kwargs(gguf_file))
+    if gguf_file:
+        _drop_gguf_quantizer(model)
+    return model
 
 
 def gguf_load_kwargs(gguf_file: Optional[str]) -> dict:
@@ -206,14 +229,7 @@ class Trainer:
         if cfg.max_train_steps:
             total = min(total, cfg.max_train_steps)
         self.total_steps = total
-        no_decay = ("bias", "norm")
-        groups = [
-            {"params": [p for n_, p in model.named_parameters() if p.requires_grad and not any(k in n_.lower() for k in no_decay)],
-             "weight_decay": cfg.weight_decay},
-            {"params": [p for n_, p in model.named_parameters() if p.requires_grad and any(k in n_.lower() for k in no_decay)],
-             "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+        optimizer = torch.optim.AdamW(adamw_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
         # The scheduler is stepped once per optimizer step by this loop (not by accelerate, which would
         # step it once per process) and checkpointed through register_for_checkpointing.
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
