@@ -297,26 +297,14 @@ def _preallocated_layer_class():
         and `keys` / `values` are views of the filled part. Dropping finished rows copies the filled part once.
         """
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        def __init__(self, keys_buffer: torch.Tensor, values_buffer: torch.Tensor, length: int):
+            """A layer over [batch, heads, capacity, head_dim] buffers whose first `length` columns are filled."""
             super().__init__()
-            self.device = keys.device
-            self.length = keys.shape[-2]
-            self._k = self._buffer(keys, max(capacity, self.length))
-            self._v = self._buffer(values, max(capacity, self.length))
+            self.device = keys_buffer.device
+            self.length = length
+            self._k, self._v = keys_buffer, values_buffer
             self.is_initialized = True
             self._views()
-
-        @classmethod
-        def from_buffers(cls, keys_buffer: torch.Tensor, values_buffer: torch.Tensor, length: int):
-            """A layer over buffers whose first `length` columns are filled."""
-            layer = cls.__new__(cls)
-            DynamicLayer.__init__(layer)
-            layer.device = keys_buffer.device
-            layer.length = length
-            layer._k, layer._v = keys_buffer, values_buffer
-            layer.is_initialized = True
-            layer._views()
-            return layer
 
         @staticmethod
         def _buffer(filled: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -406,7 +394,7 @@ def _rebuild_cache(model, old_cache, old_width: int, keep: torch.Tensor, parts, 
                 rows = slice(n_keep + first, n_keep + first + n)
                 buf[rows, :, width - group_width:width] = getattr(group_cache.layers[i], kind)
             tensors.append(buf)
-        cache.layers[i] = layer_class.from_buffers(tensors[0], tensors[1], width)
+        cache.layers[i] = layer_class(tensors[0], tensors[1], width)
     return cache
 
 

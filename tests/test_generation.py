@@ -29,8 +29,12 @@ def model(tokenizer):
     """A tiny Llama whose weights are large enough that different prompts give different greedy outputs."""
     from clha.tiny import build_causal_lm
 
-    lm = build_causal_lm(tokenizer, seed=0)
-    gen = torch.Generator().manual_seed(1)
+    return _spread_weights(build_causal_lm(tokenizer, seed=0), seed=1)
+
+
+def _spread_weights(lm, seed: int):
+    """Redraw every matrix with std 0.15, so that different prompts give different greedy outputs; eval mode."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in lm.parameters():
             if param.dim() == 2:
@@ -285,7 +289,9 @@ def test_preallocated_layer_appends_in_place_and_selects_rows():
 
     layer_class = _preallocated_layer_class()
     keys, values = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
-    layer = layer_class(keys.clone(), values.clone(), capacity=6)
+    keys_buffer, values_buffer = torch.zeros(3, 2, 6, 5), torch.zeros(3, 2, 6, 5)   # room for 6 positions
+    keys_buffer[:, :, :4], values_buffer[:, :, :4] = keys, values
+    layer = layer_class(keys_buffer, values_buffer, length=4)
     buffer = layer._k
     step_k, step_v = torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5)
     k, v = layer.update(step_k, step_v)
@@ -309,12 +315,7 @@ def _tiny_other_arch(arch: str, vocab_size: int):
     else:                # rotary positions, grouped-query attention with biases
         lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=128))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in lm.parameters():
-            if param.dim() == 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
-    return lm.eval()
+    return _spread_weights(lm, seed=0)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
