@@ -45,7 +45,8 @@ from torch import Tensor
 from clha.config import _f
 from clha.data.splits import DEFAULT_SEED as PARTITION_SEED
 from clha.errors import InputError
-from clha.trainer import _looks_local, adamw_param_groups, from_pretrained_dense, make_accelerator
+from clha.trainer import (_looks_local, adamw_param_groups, from_pretrained_dense, make_accelerator,
+                          ranked_data_files)
 
 logger = logging.getLogger("clha.reward_training")
 
@@ -218,16 +219,7 @@ def _subset_of_ranked(meta: Dict[str, Any], path: Path) -> str:
 def _expand_files(spec: str, what: str) -> List[Path]:
     files: List[Path] = []
     for part in _csv(spec):
-        p = Path(part)
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".json", ".jsonl"))
-            if not found:
-                raise InputError("folder holds no .json/.jsonl file", path=p, field=what)
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise InputError("file not found", path=p, field=what)
+        files.extend(ranked_data_files(part, what))
     if not files:
         raise InputError("no file given", field=what)
     return files

@@ -166,19 +166,24 @@ def _drop_gguf_quantizer(model) -> None:
             pass
 
 
-def read_train_files(path: str, n: int) -> List[RankedExample]:
-    """Ranked examples from a file or from every *.json/*.jsonl file of a folder (name order)."""
+def ranked_data_files(path: str, field: str, missing: str = "file not found") -> List[Path]:
+    """A ranked-data file as given, or every *.json/*.jsonl file of a folder (name order)."""
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in (".json", ".jsonl") and f.is_file())
         if not files:
-            raise InputError("folder holds no .json/.jsonl file", path=p, field="train_file_path")
-    elif p.exists():
-        files = [p]
-    else:
-        raise InputError("training data not found", path=p, field="train_file_path")
+            raise InputError("folder holds no .json/.jsonl file", path=p, field=field)
+        return files
+    if p.exists():
+        return [p]
+    raise InputError(missing, path=p, field=field)
+
+
+def read_train_files(path: str, n: int) -> List[RankedExample]:
+    """Ranked examples from a file or from every *.json/*.jsonl file of a folder (name order)."""
+    p = Path(path)
     examples: List[RankedExample] = []
-    for f in files:
+    for f in ranked_data_files(path, "train_file_path", missing="training data not found"):
         examples.extend(read_ranked(f, expected_n=n))
     if not examples:
         raise InputError("no training examples", path=p, field="train_file_path")
