@@ -47,4 +47,18 @@ OPTIONAL=()
 [ -n "$GGUF_FILE" ] && OPTIONAL+=(--gguf_file "$GGUF_FILE")
 [ -n "$MAX_TRAIN_STEPS" ] && OPTIONAL+=(--max_train_steps "$MAX_TRAIN_STEPS")
 
-accelerate launch --config_file "$ACCELERATE_CONFIG" train/main.py --task hh --train_file_path "data/${DATA}" --validation_file_path data/hh_dev --validation_file_name sampled_dev.json --output_dir "$OUT" --log_path "$LOGS" --index "$ID" --seed "$SEED" --temperature 1 --sft_weight "$SFT_WEIGHT" --num_train_epochs "$EPOCHS" --training_stage_num "$RANKING_LEN" --block_size "$BLOCK_SIZE" --learning_rate "$LEARNING_RATE" --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size "$EVAL_BATCH" --model_name_or_path "$MODEL" --do_train --do_validation --gradient_accumulation_steps "$GRAD_ACCUM" --checkpointing_step "$CHECKPOINTING_STEP" --loss_type "$LOSS_TYPE" --rank_margin "$RANK_MARGIN" --reward_gap_threshold "$REWARD_GAP_THRESHOLD" --sft_reward_threshold "$SFT_REWARD_THRESHOLD" --reward_model "$REWARD_MODEL" --lr_scheduler_type "$LR_SCHEDULER" --warmup_steps "$WARMUP_STEPS" --resume_from_checkpoint "$RESUME" "${OPTIONAL[@]}" $EXTRA_ARGS 2>&1 | tee -a "$LOGS/train_detail.log"
+# The launch: every argument is a field of TrainConfig in clha/config.py (`python train/main.py --help`).
+accelerate launch --config_file "$ACCELERATE_CONFIG" train/main.py \
+  --task hh --train_file_path "data/${DATA}" \
+  --validation_file_path data/hh_dev --validation_file_name sampled_dev.json \
+  --output_dir "$OUT" --log_path "$LOGS" --index "$ID" --seed "$SEED" \
+  --temperature 1 --sft_weight "$SFT_WEIGHT" --num_train_epochs "$EPOCHS" \
+  --training_stage_num "$RANKING_LEN" --block_size "$BLOCK_SIZE" --learning_rate "$LEARNING_RATE" \
+  --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size "$EVAL_BATCH" \
+  --model_name_or_path "$MODEL" --do_train --do_validation \
+  --gradient_accumulation_steps "$GRAD_ACCUM" --checkpointing_step "$CHECKPOINTING_STEP" \
+  --loss_type "$LOSS_TYPE" --rank_margin "$RANK_MARGIN" \
+  --reward_gap_threshold "$REWARD_GAP_THRESHOLD" --sft_reward_threshold "$SFT_REWARD_THRESHOLD" \
+  --reward_model "$REWARD_MODEL" --lr_scheduler_type "$LR_SCHEDULER" --warmup_steps "$WARMUP_STEPS" \
+  --resume_from_checkpoint "$RESUME" "${OPTIONAL[@]}" $EXTRA_ARGS \
+  2>&1 | tee -a "$LOGS/train_detail.log"
