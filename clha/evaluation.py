@@ -5,7 +5,7 @@
     accelerate launch ... eval_hh/evaluate.py score    ...
     (eval_hh/run_infer_main_dist.sh runs the three; see docs/evaluation.md)
 
-Protocol (clha-method.md, Evaluation): greedy decoding (`clha.generation`), at most 128 new tokens, response cut at
+Protocol (docs/method.md, Evaluation): greedy decoding (`clha.generation`), at most 128 new tokens, response cut at
 the first "Human:"/"Assistant:". Per subset and over all examples pooled (sample-weighted, as the reference):
 - Reward: mean of sigmoid(eval RM logit) x 100. The evaluation RM must differ from the training RM.
 - BLEU: nltk `sentence_bleu` defaults (4-gram, uniform weights, brevity penalty, no smoothing) of the response
@@ -45,6 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from clha.errors import InputError
 from clha.fileio import atomic_write, write_json, write_jsonl
+from clha.threads import configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +274,16 @@ def _torch_dtype(name: str, device):
         cuda = getattr(device, "type", str(device)) == "cuda"
         return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolved_precision(cfg: "EvalConfig", device) -> Dict[str, str]:
+    """What a stage actually runs in on `device`: `--dtype` resolved ("auto": bfloat16 on a CUDA device that
+    supports it, float32 otherwise) and the device type ("cpu", "cuda"). Fingerprints and reports record these,
+    never "auto", so shards computed in different precisions are never merged."""
+    import torch
+
+    dtype = _torch_dtype(cfg.dtype, device)
+    return {"dtype": str(dtype).replace("torch.", ""), "device": torch.device(device).type}
 
 
 def load_policy(cfg: EvalConfig, device):
@@ -520,18 +531,21 @@ def _examples_digest(examples: List[Example]) -> str:
     return fingerprint([[ex.prompt, ex.chosen] for ex in examples])
 
 
-def generation_fingerprint(cfg: EvalConfig, subset: str, examples: List[Example]) -> str:
+def generation_fingerprint(cfg: EvalConfig, subset: str, examples: List[Example], device) -> str:
+    """Everything a generation shard depends on, with the dtype and device type it is computed in on `device`."""
     return fingerprint({"stage": "generate", "v": FORMAT_VERSION, "model": _model_identity(cfg.model_path, cfg.gguf_file),
-                        "dtype": cfg.dtype, "block_size": cfg.block_size, "max_new_tokens": cfg.max_new_tokens,
-                        "subset": subset, "data": _examples_digest(examples)})
+                        **resolved_precision(cfg, device), "block_size": cfg.block_size,
+                        "max_new_tokens": cfg.max_new_tokens, "subset": subset, "data": _examples_digest(examples)})
 
 
-def reward_fingerprint(cfg: EvalConfig, generations: List[Dict[str, Any]], examples: List[Example]) -> str:
+def reward_fingerprint(cfg: EvalConfig, generations: List[Dict[str, Any]], examples: List[Example], device) -> str:
+    """Everything a reward shard depends on, with the reward model's dtype and device type on `device`."""
     rm = cfg.eval_reward_model
     local = Path(os.path.expanduser(rm))
     identity: Any = _model_identity(rm, None) if local.is_dir() else rm
     return fingerprint({"stage": "reward", "v": FORMAT_VERSION, "rm": identity, "max_length": cfg.reward_max_length,
-                        "generations": fingerprint(generations), "data": _examples_digest(examples)})
+                        **resolved_precision(cfg, device), "generations": fingerprint(generations),
+                        "data": _examples_digest(examples)})
 
 
 def score_fingerprint(rewards: List[Dict[str, Any]], generations: List[Dict[str, Any]]) -> str:
@@ -576,13 +590,15 @@ def run_generate(cfg: EvalConfig, acc) -> None:
     acc.wait_for_everyone()
     todo = []
     for subset, examples in subsets.items():
-        fp = generation_fingerprint(cfg, subset, examples)
+        fp = generation_fingerprint(cfg, subset, examples, acc.device)
         pending = _pending(cfg, "generate", subset, len(examples), fp, rank, world)
         if pending:
             todo.append((subset, examples, fp) + pending)
     if not todo:
         return
     model, tokenizer = load_policy(cfg, acc.device)
+    precision = resolved_precision(cfg, acc.device)
+    logger.info("rank %d: generating in %s on %s", rank, precision["dtype"], precision["device"])
     for subset, examples, fp, share, path in todo:
         start = time.perf_counter()
         gens = generate_with_details(model, tokenizer, [examples[i].prompt for i in share], block_size=cfg.block_size,
@@ -594,9 +610,9 @@ def run_generate(cfg: EvalConfig, acc) -> None:
                     time.perf_counter() - start, path)
 
 
-def _merged_generations(cfg: EvalConfig, subset: str, examples: List[Example]) -> List[Dict[str, Any]]:
+def _merged_generations(cfg: EvalConfig, subset: str, examples: List[Example], device) -> List[Dict[str, Any]]:
     return merge_shards(cfg.out_dir, "generate", subset, len(examples),
-                        generation_fingerprint(cfg, subset, examples))
+                        generation_fingerprint(cfg, subset, examples, device))
 
 
 def run_reward(cfg: EvalConfig, acc) -> None:
@@ -609,8 +625,8 @@ def run_reward(cfg: EvalConfig, acc) -> None:
     acc.wait_for_everyone()
     todo = []
     for subset, examples in subsets.items():
-        gens = _merged_generations(cfg, subset, examples)
-        fp = reward_fingerprint(cfg, gens, examples)
+        gens = _merged_generations(cfg, subset, examples, acc.device)
+        fp = reward_fingerprint(cfg, gens, examples, acc.device)
         pending = _pending(cfg, "reward", subset, len(examples), fp, rank, world)
         if pending:
             todo.append((subset, examples, gens, fp) + pending)
@@ -619,7 +635,7 @@ def run_reward(cfg: EvalConfig, acc) -> None:
     from clha.reward import load_reward_model
 
     scorer = load_reward_model(cfg.eval_reward_model, device=acc.device, max_length=cfg.reward_max_length,
-                               dtype=None if cfg.dtype == "auto" else cfg.dtype)
+                               dtype=_torch_dtype(cfg.dtype, acc.device))
     for subset, examples, gens, fp, share, path in todo:
         start = time.perf_counter()
         prompts = [examples[i].prompt for i in share]
@@ -651,8 +667,9 @@ def run_score(cfg: EvalConfig, acc) -> Optional[Dict[str, Any]]:
     acc.wait_for_everyone()
     merged: Dict[str, Tuple[List, List, str]] = {}
     for subset, examples in subsets.items():
-        gens = _merged_generations(cfg, subset, examples)
-        rewards = merge_shards(cfg.out_dir, "reward", subset, len(examples), reward_fingerprint(cfg, gens, examples))
+        gens = _merged_generations(cfg, subset, examples, acc.device)
+        rewards = merge_shards(cfg.out_dir, "reward", subset, len(examples),
+                               reward_fingerprint(cfg, gens, examples, acc.device))
         fp = score_fingerprint(rewards, gens)
         merged[subset] = (gens, rewards, fp)
         pending = _pending(cfg, "score", subset, len(examples), fp, rank, world)
@@ -669,7 +686,7 @@ def run_score(cfg: EvalConfig, acc) -> Optional[Dict[str, Any]]:
         scores = merge_shards(cfg.out_dir, "score", subset, len(examples), fp)
         for ex, g, r, s in zip(examples, gens, rewards, scores):
             rows.append(example_row(subset, ex, g, r, s))
-    report = build_report(cfg, models, rows, world)
+    report = build_report(cfg, models, rows, world, acc.device)
     write_outputs(cfg.out_dir, report, rows)
     print(render_markdown(report))
     return report
@@ -711,7 +728,10 @@ def summarise(rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:
     return out
 
 
-def build_report(cfg: EvalConfig, models: RewardModels, rows: List[Dict[str, Any]], world: int) -> Dict[str, Any]:
+def build_report(cfg: EvalConfig, models: RewardModels, rows: List[Dict[str, Any]], world: int,
+                 device) -> Dict[str, Any]:
+    """The report; `settings.dtype` / `settings.device` are what the stages ran in on `device` (never "auto")."""
+    precision = resolved_precision(cfg, device)
     by_subset = {s: summarise([r for r in rows if r["subset"] == s]) for s in cfg.subsets}
     return {
         "name": cfg.run_name,
@@ -722,7 +742,8 @@ def build_report(cfg: EvalConfig, models: RewardModels, rows: List[Dict[str, Any
         "same_reward_model": models.same,
         "settings": {"test_dir": cfg.test_dir, "subsets": list(cfg.subsets), "limit": cfg.limit,
                      "block_size": cfg.block_size, "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy",
-                     "reward_max_length": cfg.reward_max_length, "dtype": cfg.dtype, "num_processes": world,
+                     "reward_max_length": cfg.reward_max_length, "dtype": precision["dtype"],
+                     "dtype_requested": cfg.dtype, "device": precision["device"], "num_processes": world,
                      "gguf_file": cfg.gguf_file},
         "subsets": by_subset,
         "overall": summarise(rows),
@@ -743,7 +764,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
               f"- evaluation reward model: `{report['eval_reward_model']}`",
               f"- training reward model: `{train}` ({report['train_reward_model_source']})",
               f"- greedy decoding, at most {s['max_new_tokens']} new tokens, block size {s['block_size']}, "
-              f"{s['num_processes']} process(es)" + (f", first {s['limit']} examples per subset" if s["limit"] else ""),
+              f"{s['num_processes']} process(es)" + (f", {s['dtype']} on {s['device']}" if "device" in s else "")
+              + (f", first {s['limit']} examples per subset" if s["limit"] else ""),
               ""]
     if report["same_reward_model"]:
         lines += ["**Warning: the evaluation reward model is the training reward model "
@@ -898,6 +920,7 @@ def preflight(stage: str, cfg: EvalConfig) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_threads()      # torch threads per process: cores // local processes (clha/threads.py)
     try:
         stage, cfg = parse_config(argv)
         preflight(stage, cfg)          # bad inputs stop here, before any process group or output exists

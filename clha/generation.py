@@ -2,7 +2,7 @@
 
     responses = generate_responses(model, tokenizer, [["<|prompter|>Hi", "<|assistant|>"]], max_new_tokens=128)
 
-Rules (clha-method.md, Evaluation):
+Rules (docs/method.md, Evaluation):
 - a prompt (marker turns ending with the bare "<|assistant|>") is rendered with `render_prompt` and encoded with
   `clha.data.tokenize.encode_prompt`, exactly as in training (left cut to block_size - 128 tokens, BOS when the
   tokenizer uses one);
@@ -20,8 +20,13 @@ padding. Two engines give the same tokens:
   dropped and the next prompts are prefilled into their places, so the batch stays full until the prompts run out.
   The KV cache is preallocated and written in place instead of being concatenated at every step;
 - "hf": `model.generate` with a stopping criterion that ends a row at a stop string (decoding only the last few
-  generated tokens of each row); a batch stops when every row has finished. Used for any other model.
-Results come back in input order and do not depend on the batch size or the engine (up to floating-point ties).
+  generated tokens of each row); a batch stops when every row has finished. Used for any other model, and for a
+  model whose parameters are ZeRO-3 placeholders (DeepSpeed partitions them and gathers them inside each forward;
+  `model.generate` keeps the ranks' forwards in step), which the fast engine does not handle.
+Results come back in input order. In float32 they do not depend on the batch size or the engine (up to
+floating-point ties). In bf16 / fp16 they can: padding and batch composition change how the logits are rounded,
+so an arg-max between two near-tied tokens can flip and the rest of that response differ. Compare generations of
+different batch sizes or engines in float32 only.
 """
 
 from __future__ import annotations
@@ -209,7 +214,8 @@ def generate_with_details(model, tokenizer, prompts: Sequence[Sequence[str]], bl
     if engine == "auto":
         engine = "fast" if fast_engine_supported(model) else "hf"
     elif engine == "fast" and not fast_engine_supported(model):
-        raise ValueError(f"the fast engine does not support {type(model).__name__}; use engine='hf'")
+        why = (" with ZeRO-3 placeholder parameters" if has_placeholder_parameters(model) else "")
+        raise ValueError(f"the fast engine does not support {type(model).__name__}{why}; use engine='hf'")
 
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -271,9 +277,18 @@ def _new_cache(model):
     return DynamicCache(config=model.config)
 
 
+def has_placeholder_parameters(model) -> bool:
+    """Whether some parameter is a ZeRO-3 placeholder (DeepSpeed's `ds_numel` attribute, or an empty tensor standing
+    in for a partitioned weight): the model's weights are not all on this rank."""
+    return any(hasattr(p, "ds_numel") or p.numel() == 0 for p in model.parameters())
+
+
 def fast_engine_supported(model) -> bool:
-    """A decoder-only model whose KV cache is a list of plain, full-attention `DynamicLayer`s."""
+    """A decoder-only model whose KV cache is a list of plain, full-attention `DynamicLayer`s, with all its weights
+    on this rank (not ZeRO-3 placeholders: then `model.generate` is used)."""
     if getattr(model.config, "is_encoder_decoder", False) or _forward_names(model) is None:
+        return False
+    if has_placeholder_parameters(model):
         return False
     try:
         from transformers.cache_utils import DynamicLayer

@@ -15,6 +15,11 @@ of the dialogue, the response being judged, always survives. Batches are sorted 
 right-padded with an attention mask, run under `torch.inference_mode()`; scores come back as Python floats in
 input order.
 
+Precision: `load_reward_model` loads the backbone in `dtype` (bf16 on a GPU by default) but runs the one-logit
+head (`score` / `classifier` / `out_proj`) in float32 on a float32 copy of its input (`fp32_reward_head`), so the
+logits are float32. A bf16 logit keeps 8 significant bits (between 2 and 4 the step is 1/64), which rounds reward
+gaps and turns close comparisons (response vs chosen reply) into ties.
+
 Typical use::
 
     scorer = load_reward_model("OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1")   # or a local folder
@@ -305,6 +310,35 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
     return _DTYPE_NAMES[key]
 
 
+HEAD_NAMES = ("score", "classifier", "out_proj")
+
+
+def fp32_reward_head(model) -> Optional[str]:
+    """Make the model's one-logit head compute in float32: its weights are cast to float32 and its input is cast
+    up with autocast off, so the logits come out float32 whatever the backbone's dtype. Returns the head's
+    attribute name (`score` for Llama / GPT-NeoX classifiers, `classifier` for BERT / DeBERTa, `out_proj` for
+    OpenAssistant's models), or None when the model has none of them (its logits are then only cast afterwards).
+    Idempotent."""
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module) and any(True for _ in head.parameters()):
+            break
+    else:
+        return None
+    if getattr(head, "_clha_fp32_head", False):
+        return name
+    head.float()
+    inner = head.forward
+
+    def forward(hidden, *args, **kwargs):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return inner(hidden.float(), *args, **kwargs)
+
+    head.forward = forward
+    head._clha_fp32_head = True
+    return name
+
+
 def load_reward_model(path_or_id: Union[str, os.PathLike], device: Union[str, torch.device, None] = None,
                       max_length: int = 512, dtype: Union[torch.dtype, str, None] = None) -> RewardScorer:
     """Load a reward model from a local folder or a hub id; the backend follows the config's `model_type`.
@@ -312,7 +346,8 @@ def load_reward_model(path_or_id: Union[str, os.PathLike], device: Union[str, to
     `gpt_neox_reward_model` -> `OAsstRewardScorer`; anything else -> `HFRewardScorer` over
     `AutoModelForSequenceClassification` (one label). A checkpoint that holds only a backbone (no classifier,
     e.g. a sentence-transformers folder) is loaded with a new, untrained one-label head and a warning.
-    `device`: default cuda when available, else cpu. `dtype`: default bf16 on GPU, fp32 on CPU.
+    `device`: default cuda when available, else cpu. `dtype`: default bf16 on GPU, fp32 on CPU; the head always
+    computes in float32 (`fp32_reward_head`).
     Raises `InputError` naming the path when it does not exist or cannot be loaded.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -362,9 +397,11 @@ def load_reward_model(path_or_id: Union[str, os.PathLike], device: Union[str, to
     except OSError as err:
         raise InputError(f"cannot load the reward model weights: {err}", name) from err
     model.to(device_)
+    if dtype_ != torch.float32:
+        fp32_reward_head(model)
     model.eval()
     return scorer_cls(model, tokenizer, name=name, max_length=max_length)
 
 
 __all__ = ["RewardScorer", "HFRewardScorer", "OAsstRewardScorer", "load_reward_model", "format_hh_input",
-           "format_oasst_input", "resolve_device", "resolve_dtype", "PROGRESS_MIN_BATCHES"]
+           "format_oasst_input", "resolve_device", "resolve_dtype", "fp32_reward_head", "PROGRESS_MIN_BATCHES"]

@@ -12,6 +12,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CLHA_NUM_THREADS", "1")   # entry points run in-process or launched by tests: one thread
 
 import torch  # noqa: E402
 

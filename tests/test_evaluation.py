@@ -253,12 +253,45 @@ def test_stale_and_forced_shards_are_redone(full_run, assets, tmp_path):
         run_reward(_cfg(assets, out, max_new_tokens=MAX_NEW_TOKENS + 1), LocalProcess(0, 2))
 
 
+def test_resolved_dtype_and_device_are_recorded_and_never_mixed(full_run, assets, tmp_path, monkeypatch):
+    """Fingerprints and reports hold the dtype a stage really ran in, not "auto": on the CPU "auto" is float32, so
+    float32 shards are reused; a bfloat16 run regenerates them, and so would "auto" on a bf16-capable GPU."""
+    from clha.evaluation import generation_fingerprint, load_subset, resolved_precision
+
+    out = _copy_run(full_run[0], tmp_path)
+    report = json.loads((out / "report.json").read_text())
+    assert (report["settings"]["dtype"], report["settings"]["device"]) == ("float32", "cpu")
+    assert report["settings"]["dtype_requested"] == "auto"
+    assert "float32 on cpu" in (out / "report.md").read_text()
+    shard = shard_path(out, "generate", "harmless_base", 0, 2)
+    mtime = shard.stat().st_mtime_ns
+    run_generate(_cfg(assets, out, dtype="float32"), LocalProcess(0, 2))      # the same precision: reused
+    assert shard.stat().st_mtime_ns == mtime
+    run_generate(_cfg(assets, out, dtype="bfloat16"), LocalProcess(0, 2))     # another precision: regenerated
+    assert shard.stat().st_mtime_ns != mtime
+    with pytest.raises(ShardError, match="stale"):                           # never merged with float32 shards
+        run_reward(_cfg(assets, out, dtype="float32"), LocalProcess(0, 2))
+    # "auto" resolves per device: bf16 on a CUDA device that supports it, so a GPU resume would not reuse
+    # CPU shards (checked without a GPU: only the fingerprint is computed).
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    examples = load_subset(assets["test_dir"], "harmless_base")
+    auto = _cfg(assets, out)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolved_precision(auto, cuda) == {"dtype": "bfloat16", "device": "cuda"}
+    assert generation_fingerprint(auto, "harmless_base", examples, cuda) != \
+        generation_fingerprint(auto, "harmless_base", examples, cpu)
+    assert generation_fingerprint(auto, "harmless_base", examples, cuda) == \
+        generation_fingerprint(_cfg(assets, out, dtype="bfloat16"), "harmless_base", examples, cuda)
+    assert generation_fingerprint(auto, "harmless_base", examples, cpu) == \
+        generation_fingerprint(_cfg(assets, out, dtype="float32"), "harmless_base", examples, cpu)
+
+
 def test_merge_fails_loudly_on_missing_or_duplicate_examples(full_run, assets, tmp_path):
     from clha.evaluation import generation_fingerprint, load_subset
 
     out = _copy_run(full_run[0], tmp_path)
     examples = load_subset(assets["test_dir"], "harmless_base")
-    fp = generation_fingerprint(_cfg(assets, out), "harmless_base", examples)
+    fp = generation_fingerprint(_cfg(assets, out), "harmless_base", examples, torch.device("cpu"))
     assert [r["index"] for r in merge_shards(out, "generate", "harmless_base", 5, fp)] == [0, 1, 2, 3, 4]
     s0, s1 = (shard_path(out, "generate", "harmless_base", r, 2) for r in (0, 1))
     d0, d1 = json.loads(s0.read_text()), json.loads(s1.read_text())
@@ -340,7 +373,7 @@ def test_same_reward_model_is_refused_unless_allowed(assets, tmp_path, capsys):
 
     rows = [{"subset": "harmless_base", **{k: 1.0 for k, _, _ in METRICS}}]
     report = build_report(_cfg(assets, tmp_path, subsets=["harmless_base"], eval_reward_model=assets["rm_train"],
-                               allow_same_reward_model=True), models, rows, 1)
+                               allow_same_reward_model=True), models, rows, 1, torch.device("cpu"))
     assert report["same_reward_model"] is True
     assert "evaluation reward model is the training reward model" in render_markdown(report)
     # Declared on the command line for a checkpoint without clha_config.json.
@@ -378,3 +411,24 @@ def test_plain_model_without_training_config(assets, tmp_path):
 def test_script_usage_error():
     proc = subprocess.run(["bash", str(REPO / "eval_hh" / "run_infer_main_dist.sh")], capture_output=True, text=True)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(), reason="needs a bf16 GPU")
+def test_gpu_auto_runs_in_bf16_and_does_not_reuse_cpu_shards(assets, tmp_path):
+    """On a GPU "auto" is bfloat16: shards written on the CPU (float32) are regenerated, the report says bfloat16 on
+    cuda, and the reward logits are float32 (a float32 head on the bf16 reward model)."""
+    out = tmp_path / "t_1"
+    cfg = _cfg(assets, out, subsets=["harmless_base"])
+    cpu, gpu = LocalProcess(0, 1), LocalProcess(0, 1)
+    gpu.device = torch.device("cuda")
+    run_generate(cfg, cpu)
+    shard = shard_path(out, "generate", "harmless_base", 0, 1)
+    cpu_fp = json.loads(shard.read_text())["fingerprint"]
+    run_generate(cfg, gpu)
+    assert json.loads(shard.read_text())["fingerprint"] != cpu_fp
+    run_reward(cfg, gpu)
+    report = run_score(cfg, gpu)
+    assert (report["settings"]["dtype"], report["settings"]["device"]) == ("bfloat16", "cuda")
+    logits = [r["reward_logit"] for r in _read_jsonl(out / "examples.jsonl")]
+    assert any(x != float(torch.tensor(x).bfloat16().float()) for x in logits)

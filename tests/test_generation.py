@@ -333,3 +333,36 @@ def test_continuous_batching_matches_generate_on_other_architectures(tokenizer, 
     alone = [generate_with_details(lm, tokenizer, [p], max_new_tokens=16, engine="hf")[0] for p in prompts]
     assert len({g.stop for g in alone}) >= 2, "want rows that stop at EOS and rows that run to the limit"
     assert generate_with_details(lm, tokenizer, prompts, max_new_tokens=16, batch_size=3, engine="fast") == alone
+
+
+def test_zero3_placeholder_parameters_fall_back_to_generate(model, tokenizer, monkeypatch):
+    """Under DeepSpeed ZeRO-3 a rank holds placeholders (parameters with `ds_numel`, or empty tensors) instead of
+    the weights: the fast engine is not used and `model.generate` gives the responses."""
+    import copy
+
+    from clha import generation
+
+    prompts = _prompts()[:3]
+    expected = [g.response for g in generate_with_details(model, tokenizer, prompts, max_new_tokens=12,
+                                                           engine="hf")]
+    zero3 = copy.deepcopy(model)
+    weight = zero3.get_input_embeddings().weight
+    weight.ds_numel = weight.numel()        # what DeepSpeed sets on a partitioned parameter (its data gathered here)
+    assert generation.has_placeholder_parameters(zero3) and not generation.fast_engine_supported(zero3)
+    assert generation.fast_engine_supported(model)
+
+    def no_fast_engine(*args, **kwargs):
+        raise AssertionError("the fast engine ran on a model with ZeRO-3 placeholders")
+
+    calls = []
+    real_generate = zero3.generate
+    monkeypatch.setattr(generation, "_fast_generate", no_fast_engine)
+    monkeypatch.setattr(zero3, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    assert generate_responses(zero3, tokenizer, prompts, max_new_tokens=12) == expected
+    assert calls
+    with pytest.raises(ValueError, match="ZeRO-3 placeholder parameters"):
+        generate_with_details(zero3, tokenizer, prompts, max_new_tokens=12, engine="fast")
+    # an empty tensor standing in for a partitioned weight counts too
+    empty = copy.deepcopy(model)
+    empty.register_parameter("partitioned", torch.nn.Parameter(torch.empty(0)))
+    assert generation.has_placeholder_parameters(empty) and not generation.fast_engine_supported(empty)

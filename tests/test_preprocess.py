@@ -546,13 +546,14 @@ def save_tiny_reward_model(path: Path) -> Path:
 
 
 def test_reward_model_scores_rows_without_stored_rewards(tmp_path):
+    """With --allow_mixed_reward_sources (without it the model scores every row: test_reward_sources.py)."""
     pytest.importorskip("clha.reward")
     model = save_tiny_reward_model(tmp_path / "rm")
     raw = small_raw_dir(tmp_path)
     pro = fake_precomputed(tmp_path, raw)
     step1_process(raw, tmp_path / "pre")
     rewards = RewardSource.from_args(reward_model=str(model), precomputed_rewards=str(pro), device="cpu",
-                                     batch_size=4, max_length=64)
+                                     batch_size=4, max_length=64, allow_mixed=True)
     with one_thread():
         counts = step3_test_data(tmp_path / "pre", tmp_path / "t", rewards)
     assert counts["helpful_rejection"] == 2
@@ -561,7 +562,7 @@ def test_reward_model_scores_rows_without_stored_rewards(tmp_path):
     assert rejection[0].suffix == ["Blue.", "Seven."]
     assert all(isinstance(r, float) for ex in rejection for r in ex.reward)
     assert read_ranked(tmp_path / "t" / "helpful_base.json")[0].reward == [0.6, 1.4]
-    # the same model again: the same bytes
+    # the same model again (alone): the same bytes
     with one_thread():
         step3_test_data(tmp_path / "pre", tmp_path / "t2", RewardSource.from_args(
             reward_model=str(model), device="cpu", batch_size=4, max_length=64), subsets=["helpful_rejection"])

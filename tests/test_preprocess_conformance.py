@@ -212,7 +212,7 @@ def test_all_three_steps_on_all_four_files(tmp_path):
         start = time.perf_counter()
         step1_process(RAW, tmp_path / "pre", partition=PartitionConfig())
         rewards = RewardSource.from_args(reward_model=str(model), precomputed_rewards=str(PRO), device="cpu",
-                                         batch_size=32, max_length=128)
+                                         batch_size=32, max_length=128, allow_mixed=True)
         counts = step2_train_data(tmp_path / "pre", tmp_path / "hh_train_len2" / "train.json",
                                   tmp_path / "hh_dev" / "sampled_dev.json", rewards)
         test_counts = step3_test_data(tmp_path / "pre", tmp_path / "hh_test", rewards)

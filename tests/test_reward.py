@@ -348,3 +348,25 @@ def test_gpu_default_bf16_matches_cpu(model_dirs):
         assert gpu_scorer.score(PROMPTS, RESPONSES, batch_size=3) == pytest.approx(cpu, abs=0.1)
         fp32 = load_reward_model(model_dirs[kind], device="cuda", dtype=torch.float32)
         assert fp32.score(PROMPTS, RESPONSES) == pytest.approx(cpu, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind,head", [("llama", "score"), ("bert", "classifier"), ("neox", "out_proj")])
+def test_bf16_backbone_keeps_a_float32_head(kind, head, model_dirs):
+    """With a bf16 backbone the head computes in float32: the logits are float32 (also under autocast), not values
+    rounded to bf16 (which would tie close replies), and close to the float32 model's."""
+    scorer = load_reward_model(model_dirs[kind], device="cpu", dtype="bf16")
+    module = getattr(scorer.model, head)
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert next(scorer.model.parameters()).dtype == torch.bfloat16      # the backbone stays bf16
+    batch = scorer._collate(scorer.encode(PROMPTS, RESPONSES))
+    with torch.inference_mode():
+        logits = scorer.model(**batch).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):               # also under autocast (mixed precision)
+            assert scorer.model(**batch).logits.dtype == torch.float32
+    assert logits.dtype == torch.float32
+    scores = scorer.score(PROMPTS, RESPONSES, batch_size=len(PROMPTS))
+    assert scores == pytest.approx(logits[:, 0].tolist(), abs=2e-2)   # score() batches by length: other rounding
+    rounded = [float(torch.tensor(s).bfloat16().float()) for s in scores]
+    assert sum(s != r for s, r in zip(scores, rounded)) >= len(scores) - 1   # not bf16 values
+    fp32 = load_reward_model(model_dirs[kind], device="cpu").score(PROMPTS, RESPONSES)
+    assert scores == pytest.approx(fp32, abs=0.1)

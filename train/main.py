@@ -14,6 +14,7 @@ from clha.trainer import NonFiniteLossError, run_training  # noqa: E402
 
 def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from clha.threads import configure_threads; configure_threads()  # noqa: E702 - threads per process: clha/threads.py
     cfg = parse_config(argv)
     try:
         summary = run_training(cfg)

@@ -10,10 +10,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clha.errors import InputError  # noqa: E402
 from clha.reward_training import parse_reward_config, run_reward_training  # noqa: E402
+from clha.threads import configure_threads  # noqa: E402
 
 
 def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_threads()      # torch threads per process: cores // local processes (clha/threads.py)
     cfg = parse_reward_config(argv)
     try:
         results = run_reward_training(cfg)

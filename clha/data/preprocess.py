@@ -16,8 +16,11 @@ Step 3 (`step3_test_data`): the `test` role rows of each subset, scored, candida
 first), raw line order -> `data/hh_test/<stem>.json`.
 
 Rewards come from a `RewardSource`: stored rewards (`PrecomputedRewards`, matched by subset and raw test-file
-line) and/or a reward model (`clha.reward.load_reward_model`, imported only when needed). With both, stored
-rewards are used where a row has them and the model scores the rest.
+line) or a reward model (`clha.reward.load_reward_model`, imported only when needed), one source per output.
+With both, the model scores every row and the stored rewards are only compared with its scores (pairwise
+ranking agreement, correlations: logged and in the step's summary); `--allow_mixed_reward_sources` instead uses
+stored rewards where a row has them and the model for the rest. Every written row records its source in
+`meta.reward_source` (`clha.data.reward_sources`).
 
 Every step reads and checks all of its input and computes all of its rewards before it writes anything;
 each file is written atomically (temporary name, then rename). Same input -> same output bytes.
@@ -38,6 +41,7 @@ from clha.data.format import RankedExample, read_ranked, write_ranked
 from clha.data.hh_raw import (RAW_SPLITS, RAW_SUBSETS, SUBSET_STEMS, RawPair, RawStats, canonical_subset,
                               read_raw_dir)
 from clha.data.precomputed import PrecomputedRewards
+from clha.data.reward_sources import REWARD_SOURCE_KEY, RewardAgreement, model_source, precomputed_source
 from clha.data.splits import PARTITIONS, PartitionConfig, partition_pairs, partition_sizes
 from clha.errors import InputError
 from clha.fileio import write_json
@@ -151,7 +155,18 @@ def load_step1_rows(in_dir: str | os.PathLike, role: str, subsets: Optional[Sequ
 
 @dataclass
 class RewardSource:
-    """Where rewards come from: stored rewards for raw test-file rows, and/or a reward model for the rest."""
+    """Where rewards come from: stored rewards (raw test-file rows only) or a reward model, one source per run.
+
+    - stored rewards only: every row needs a stored reward (a missing one stops the step);
+    - a reward model only: the model scores every row;
+    - both (default): the model scores every row, and the stored rewards of the rows that have them are only
+      compared with the model's scores (`agreement()`: pairwise ranking agreement, correlations), so the
+      output holds one reward scale;
+    - both with `allow_mixed=True` (`--allow_mixed_reward_sources`): stored rewards where a row has them, the
+      model for the rest (two scales in one file; each row's `meta.reward_source` says which).
+
+    `score_with_sources` returns each row's rewards and its source label (`clha.data.reward_sources`).
+    """
 
     precomputed: Optional[PrecomputedRewards] = None
     reward_model: Optional[str] = None
@@ -159,23 +174,38 @@ class RewardSource:
     batch_size: int = 16
     max_length: int = 512
     precomputed_split: str = "test"   # the raw split whose line numbers the stored files refer to
+    allow_mixed: bool = False
 
     def __post_init__(self):
         if self.precomputed is None and self.reward_model is None:
             raise InputError("no reward source: give --reward_model PATH_OR_ID or --precomputed_rewards DIR")
         if self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.allow_mixed and self.mode != "mixed":
+            logger.warning("--allow_mixed_reward_sources has no effect with a single reward source")
         self._scorer = None
         self.counts = Counter()
+        self.rows_by_source = Counter()   # rows scored so far per meta.reward_source label
+        self._agreement = RewardAgreement()
+
+    @property
+    def mode(self) -> str:
+        """"precomputed", "reward_model", "reward_model+agreement" (both, default) or "mixed"."""
+        if self.reward_model is None:
+            return "precomputed"
+        if self.precomputed is None:
+            return "reward_model"
+        return "mixed" if self.allow_mixed else "reward_model+agreement"
 
     @classmethod
     def from_args(cls, reward_model: Optional[str] = None, precomputed_rewards: Optional[str] = None,
-                  device: Optional[str] = None, batch_size: int = 16, max_length: int = 512) -> "RewardSource":
+                  device: Optional[str] = None, batch_size: int = 16, max_length: int = 512,
+                  allow_mixed: bool = False) -> "RewardSource":
         """Check the paths now (before any work); the model itself is loaded on first use."""
         precomputed = PrecomputedRewards(precomputed_rewards) if precomputed_rewards else None
         if reward_model:
             _check_model_path(reward_model)
-        return cls(precomputed, reward_model or None, device, batch_size, max_length)
+        return cls(precomputed, reward_model or None, device, batch_size, max_length, allow_mixed=allow_mixed)
 
     def _stored(self, ex: RankedExample) -> Optional[List[float]]:
         if self.precomputed is None or ex.meta.get("split") != self.precomputed_split:
@@ -189,20 +219,31 @@ class RewardSource:
         rewards = self.precomputed.lookup(source, ex.meta["line_num"])
         if not _same_opening(row, ex):
             self.counts["precomputed_prompt_mismatch"] += 1
+        if len(rewards) != ex.n:
+            raise InputError(f"stored rewards have {len(rewards)} values for {ex.n} candidates "
+                             f"(subset {ex.meta.get('source')!r}, raw line {ex.meta.get('line_num')})",
+                             path=self.precomputed.directory)
         return rewards
 
     def score(self, examples: Sequence[RankedExample]) -> List[List[float]]:
         """One reward per candidate of each example, in the example's candidate order."""
+        return self.score_with_sources(examples)[0]
+
+    def score_with_sources(self, examples: Sequence[RankedExample]) -> Tuple[List[List[float]], List[str]]:
+        """Rewards (one per candidate, in the example's candidate order) and the reward source of each example."""
         out: List[Optional[List[float]]] = [None] * len(examples)
+        sources: List[Optional[str]] = [None] * len(examples)
+        reference: Dict[int, List[float]] = {}   # stored rewards used only for the agreement report
         todo: List[int] = []
         for i, ex in enumerate(examples):
             stored = self._stored(ex)
             if stored is not None:
-                if len(stored) != ex.n:
-                    raise InputError(f"stored rewards have {len(stored)} values for {ex.n} candidates "
-                                     f"(subset {ex.meta.get('source')!r}, raw line {ex.meta.get('line_num')})",
-                                     path=self.precomputed.directory)
-                out[i] = stored
+                if self.mode == "reward_model+agreement":
+                    reference[i] = stored
+                    todo.append(i)
+                else:
+                    out[i] = stored
+                    sources[i] = precomputed_source(self.precomputed.files[canonical_subset(ex.meta["source"])])
             elif self.reward_model is None:
                 source, line = ex.meta.get("source"), ex.meta.get("line_num")
                 if self.precomputed.has_subset(source) and ex.meta.get("split") != self.precomputed_split:
@@ -231,9 +272,40 @@ class RewardSource:
             for i in todo:
                 n = examples[i].n
                 out[i] = [float(r) for r in flat[pos:pos + n]]
+                sources[i] = model_source(self.reward_model)
                 pos += n
+                if i in reference:
+                    self._agreement.add(reference[i], out[i])
             self.counts["model"] += len(todo)
-        return out  # type: ignore[return-value]
+        if reference:
+            self.counts["agreement_rows"] += len(reference)
+        self.rows_by_source.update(sources)
+        return out, sources  # type: ignore[return-value]
+
+    def agreement(self) -> Optional[Dict[str, Optional[float]]]:
+        """With both sources (default mode): how the model's scores agree with the stored rewards so far."""
+        if self.mode != "reward_model+agreement":
+            return None
+        return self._agreement.summary()
+
+    def summary(self) -> Dict:
+        """What a step reports: the mode, rows per source and (both sources, default mode) the agreement."""
+        out: Dict = {"mode": self.mode,
+                     "sources": dict(sorted(self.rows_by_source.items(), key=lambda kv: (-kv[1], kv[0])))}
+        agreement = self.agreement()
+        if agreement is not None:
+            out["agreement"] = agreement
+        return out
+
+    def log_agreement(self) -> Optional[Dict[str, Optional[float]]]:
+        report = self.agreement()
+        if report is not None:
+            logger.info("reward model %s vs stored rewards %s on %d rows: pairwise ranking agreement %s over %d "
+                        "pairs, Pearson r of the reward gaps %s, of the rewards %s (used only for this report; "
+                        "every row is scored by the reward model)", self.reward_model, self.precomputed.directory,
+                        report["rows"], report["pairwise_agreement"], report["pairs"], report["gap_pearson"],
+                        report["reward_pearson"])
+        return report
 
     def scorer(self):
         if self._scorer is None:
@@ -246,9 +318,12 @@ class RewardSource:
     def describe(self) -> str:
         parts = []
         if self.precomputed is not None:
-            parts.append(f"precomputed={self.precomputed.directory}")
+            role = " (agreement report only)" if self.mode == "reward_model+agreement" else ""
+            parts.append(f"precomputed={self.precomputed.directory}{role}")
         if self.reward_model is not None:
             parts.append(f"reward_model={self.reward_model}")
+        if self.mode == "mixed":
+            parts.append("MIXED (--allow_mixed_reward_sources)")
         return ", ".join(parts)
 
 
@@ -282,17 +357,21 @@ def _check_model_path(path: str) -> None:
 # Step 2
 # ---------------------------------------------------------------------------------------------------------------
 
-def rerank(ex: RankedExample, rewards: Sequence[float]) -> RankedExample:
-    """Candidates sorted by reward, best first (ties keep their order); sft_index 0."""
+def _meta(ex: RankedExample, reward_source: Optional[str]) -> Dict:
+    return ex.meta if reward_source is None else dict(ex.meta, **{REWARD_SOURCE_KEY: reward_source})
+
+
+def rerank(ex: RankedExample, rewards: Sequence[float], reward_source: Optional[str] = None) -> RankedExample:
+    """Candidates sorted by reward, best first (ties keep their order); sft_index 0; `meta.reward_source` set."""
     order = sorted(range(ex.n), key=lambda k: -rewards[k])
     return RankedExample(prefix=[ex.prefix[k] for k in order], suffix=[ex.suffix[k] for k in order],
-                         reward=[float(rewards[k]) for k in order], sft_index=0, meta=ex.meta)
+                         reward=[float(rewards[k]) for k in order], sft_index=0, meta=_meta(ex, reward_source))
 
 
-def with_rewards(ex: RankedExample, rewards: Sequence[float]) -> RankedExample:
-    """Candidates kept in their order (human order: chosen first), rewards stored."""
+def with_rewards(ex: RankedExample, rewards: Sequence[float], reward_source: Optional[str] = None) -> RankedExample:
+    """Candidates kept in their order (human order: chosen first), rewards stored; `meta.reward_source` set."""
     return RankedExample(prefix=ex.prefix, suffix=ex.suffix, reward=[float(r) for r in rewards], sft_index=0,
-                         meta=ex.meta)
+                         meta=_meta(ex, reward_source))
 
 
 def _flatten(per_subset: Dict[str, List[RankedExample]]) -> List[RankedExample]:
@@ -349,27 +428,47 @@ def step2_train_data(in_dir: str | os.PathLike, train_out: str | os.PathLike, de
         logger.info("dev sample: %d prompts from %d %s rows (%s)", len(dev_sample), len(pool), dev_role,
                     dict(Counter(ex.meta.get("source") for ex in dev_sample)))
 
-    if rewards.precomputed is not None:
+    if rewards.mode in ("precomputed", "mixed"):
         logger.warning("training rewards come (partly) from stored rewards in %s: those of pro-format/hh_test were "
                        "given by OpenAssistant oasst-rm-2-pythia-6.9b, the reference EVALUATION reward model; a "
                        "policy trained on them and judged by that model is not a fair comparison",
                        rewards.precomputed.directory)
-    train_rewards = rewards.score(kept)
-    dev_rewards = rewards.score(dev_sample)
-    train = [rerank(ex, r) for ex, r in zip(kept, train_rewards)]
+    _log_mode(rewards)
+    train_rewards, train_sources = rewards.score_with_sources(kept)
+    dev_rewards, dev_sources = rewards.score_with_sources(dev_sample)
+    train = [rerank(ex, r, s) for ex, r, s in zip(kept, train_rewards, train_sources)]
     if shuffle:
         random.Random(seed).shuffle(train)
-    dev = [rerank(ex, r) if dev_order == "reward" else with_rewards(ex, r)
-           for ex, r in zip(dev_sample, dev_rewards)]
+    dev = [rerank(ex, r, s) if dev_order == "reward" else with_rewards(ex, r, s)
+           for ex, r, s in zip(dev_sample, dev_rewards, dev_sources)]
 
     counts["train_rows"] = write_ranked(train_out, train)
     if dev_out is not None:
         write_ranked(dev_out, dev)
-    counts.update({f"rewards_{k}": v for k, v in rewards.counts.items()})
+    _add_reward_summary(counts, rewards)
     logger.info("step 2: wrote %d rows to %s%s (rewards from %s: %s)", counts["train_rows"], train_out,
                 f" and {len(dev)} to {dev_out}" if dev_out is not None else "", rewards.describe(),
                 dict(rewards.counts))
     return counts
+
+
+def _log_mode(rewards: RewardSource) -> None:
+    """Say before scoring which source gives the rewards (and that a mix was asked for)."""
+    if rewards.mode == "reward_model+agreement":
+        logger.info("rewards: the reward model %s scores every row; the stored rewards in %s are only compared with "
+                    "its scores (--allow_mixed_reward_sources would use them where they exist instead)",
+                    rewards.reward_model, rewards.precomputed.directory)
+    elif rewards.mode == "mixed":
+        logger.warning("--allow_mixed_reward_sources: stored rewards (%s) where a row has them, the reward model %s "
+                       "for the rest; the two are on different scales (each row's meta.reward_source says which)",
+                       rewards.precomputed.directory, rewards.reward_model)
+
+
+def _add_reward_summary(counts: Dict, rewards: RewardSource) -> None:
+    """Add the reward counters, the mode, rows per source and (default mode with both) the agreement."""
+    rewards.log_agreement()
+    counts.update({f"rewards_{k}": v for k, v in rewards.counts.items()})
+    counts.update({f"reward_{k}": v for k, v in rewards.summary().items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,17 +481,20 @@ def step3_test_data(in_dir: str | os.PathLike, out_dir: str | os.PathLike, rewar
     per_subset = load_step1_rows(in_dir, "test", subsets)
     if not per_subset:
         raise InputError("no test rows in the step-1 output (no raw test split / test partition)", path=in_dir)
+    _log_mode(rewards)
     results: Dict[str, List[RankedExample]] = {}
     for subset in RAW_SUBSETS:
         if subset in per_subset:
             rows = per_subset[subset]
-            results[subset] = [with_rewards(ex, r) for ex, r in zip(rows, rewards.score(rows))]
+            scored, sources = rewards.score_with_sources(rows)
+            results[subset] = [with_rewards(ex, r, s) for ex, r, s in zip(rows, scored, sources)]
     out_dir = Path(out_dir)
     counts = {}
     for subset, rows in results.items():
         counts[SUBSET_STEMS[subset]] = write_ranked(out_dir / f"{SUBSET_STEMS[subset]}.json", rows)
     logger.info("step 3: wrote %s to %s (rewards from %s: %s)", counts, out_dir, rewards.describe(),
                 dict(rewards.counts))
+    rewards.log_agreement()
     return counts
 
 
@@ -408,7 +510,11 @@ def add_reward_args(parser) -> None:
     group.add_argument("--precomputed_rewards", default=None,
                        help="folder of PRO-format files with stored rewards (e.g. ../shared/data/pro-format/hh_test), "
                             "matched by subset and meta.line_num of the raw test file; with --reward_model too, "
-                            "the model scores the rows that have no stored reward")
+                            "the model scores EVERY row and the stored rewards are only compared with its scores "
+                            "(agreement report)")
+    group.add_argument("--allow_mixed_reward_sources", action="store_true",
+                       help="with both options: stored rewards where a row has them, the model for the rest (two "
+                            "reward scales in one file; each row's meta.reward_source records its source)")
     group.add_argument("--batch_size", type=int, default=16, help="reward model batch size (pairs)")
     group.add_argument("--device", default=None, help="reward model device (default: cuda if available, else cpu)")
     group.add_argument("--max_length", type=int, default=512,
@@ -423,7 +529,13 @@ def add_subset_arg(parser) -> None:
 
 def reward_source_from_args(args) -> RewardSource:
     return RewardSource.from_args(reward_model=args.reward_model, precomputed_rewards=args.precomputed_rewards,
-                                  device=args.device, batch_size=args.batch_size, max_length=args.max_length)
+                                  device=args.device, batch_size=args.batch_size, max_length=args.max_length,
+                                  allow_mixed=args.allow_mixed_reward_sources)
+
+
+def print_summary(summary: Dict) -> None:
+    """A step's summary as one JSON line on stdout (counts, reward mode, rows per source, agreement)."""
+    print("summary: " + json.dumps(summary, ensure_ascii=False))
 
 
 def path_or_default(value: Optional[str], repo_root: Path, default: str) -> Path:

@@ -1,6 +1,6 @@
 """Turning (prompt, response) text into token ids exactly the same way in training and generation.
 
-Rules (clha-method.md): the prompt is cut from the LEFT (the latest turns are kept) to
+Rules (docs/method.md): the prompt is cut from the LEFT (the latest turns are kept) to
 `block_size - 128` tokens; prompt + response is cut from the RIGHT to `block_size` tokens. The model
 input is prompt + " " + response; the prompt and " " + response are tokenised separately so that the
 prompt/response boundary is exact.

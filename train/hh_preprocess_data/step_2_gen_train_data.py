@@ -2,6 +2,9 @@
 
     python train/hh_preprocess_data/step_2_gen_train_data.py --reward_model PATH_OR_ID
     python train/hh_preprocess_data/step_2_gen_train_data.py --precomputed_rewards ../shared/data/pro-format/hh_test
+
+One reward source per run: with both options the reward model scores every row and the stored rewards are only
+compared with its scores; --allow_mixed_reward_sources mixes them (each row's meta.reward_source says which).
 """
 
 import argparse
@@ -12,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from clha.data.preprocess import (DEFAULT_DEV_SIZE, DEFAULT_SEED, add_reward_args, add_subset_arg,  # noqa: E402
-                                  path_or_default, reward_source_from_args, run_cli, step2_train_data)
+                                  path_or_default, print_summary, reward_source_from_args, run_cli,
+                                  step2_train_data)
 
 
 def parse_args(argv=None):
@@ -40,11 +44,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     rewards = reward_source_from_args(args)
-    step2_train_data(path_or_default(args.in_dir, ROOT, "data/preprocessed_data/hhrlhf"),
-                     path_or_default(args.train_out, ROOT, "data/hh_train_len2/train.json"),
-                     None if args.no_dev else path_or_default(args.dev_out, ROOT, "data/hh_dev/sampled_dev.json"),
-                     rewards, dev_size=args.dev_size, seed=args.seed, subsets=args.subsets,
-                     dev_order=args.dev_order, shuffle=not args.no_shuffle)
+    counts = step2_train_data(path_or_default(args.in_dir, ROOT, "data/preprocessed_data/hhrlhf"),
+                              path_or_default(args.train_out, ROOT, "data/hh_train_len2/train.json"),
+                              None if args.no_dev else path_or_default(args.dev_out, ROOT,
+                                                                       "data/hh_dev/sampled_dev.json"),
+                              rewards, dev_size=args.dev_size, seed=args.seed, subsets=args.subsets,
+                              dev_order=args.dev_order, shuffle=not args.no_shuffle)
+    print_summary(counts)
 
 
 if __name__ == "__main__":
