@@ -560,11 +560,15 @@ def make_accelerator():
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    # Ranks wait for each other only at the end of the score stage; a long timeout costs nothing.
-    kwargs = {"timeout": timedelta(hours=3)}
-    if not torch.cuda.is_available():
-        kwargs["backend"] = "gloo"   # accelerate sets no process-group backend without CUDA
-    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(**kwargs)])
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Ranks wait for each other only at the end of the score stage; a long timeout costs nothing.
+        # (A single process gets no process-group settings: accelerate would then expect a process group.)
+        kwargs = {"timeout": timedelta(hours=3)}
+        if not torch.cuda.is_available():
+            kwargs["backend"] = "gloo"   # accelerate sets no process-group backend without CUDA
+        handlers.append(InitProcessGroupKwargs(**kwargs))
+    return Accelerator(kwargs_handlers=handlers)
 
 
 def _pending(cfg: EvalConfig, stage: str, subset: str, n: int, fp: str, rank: int, world: int):

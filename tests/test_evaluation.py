@@ -432,3 +432,22 @@ def test_gpu_auto_runs_in_bf16_and_does_not_reuse_cpu_shards(assets, tmp_path):
     assert (report["settings"]["dtype"], report["settings"]["device"]) == ("bfloat16", "cuda")
     logits = [r["reward_logit"] for r in _read_jsonl(out / "examples.jsonl")]
     assert any(x != float(torch.tensor(x).bfloat16().float()) for x in logits)
+
+
+def test_single_process_launch_needs_no_process_group(tmp_path):
+    """`run_infer_main_dist.sh` with NUM_PROCESSES=1 (its default on a machine without a GPU) launches one process:
+    the evaluation's accelerator must not ask for a process group there (it used to die with 'Default process
+    group has not been initialized' at the first collective)."""
+    launcher = Path(sys.executable).parent / "accelerate"
+    if not launcher.exists():
+        pytest.skip("accelerate launcher not installed")
+    script = tmp_path / "one.py"
+    script.write_text("import torch\nfrom clha.evaluation import make_accelerator\nacc = make_accelerator()\n"
+                      "acc.wait_for_everyone()\n"
+                      "print('gathered', acc.gather(torch.tensor([2.0])).tolist(), acc.num_processes)\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([str(launcher), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
+                           "no", "--dynamo_backend", "no", str(script)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gathered [2.0] 1" in proc.stdout
