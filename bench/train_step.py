@@ -187,7 +187,7 @@ def prepare_project(spec, tok, batches):
     """This project's step (clha and the ablations)."""
     import torch
     import clha.modeling as modeling
-    from clha.collate import RankedCollator
+    from clha.collate import RankedCollator, shared_prompt_mask
     from clha.losses import clha_loss
 
     v = VARIANTS[spec["method"]]
@@ -206,7 +206,7 @@ def prepare_project(spec, tok, batches):
         tokens_in = batch["input_ids"].numel()
         rows = tokens_in if v.get("full_logits") else batch["input_ids"].shape[0] * batch["logits_to_keep"].numel()
         if batch["layout"] == "shared_prompt":
-            pairs = int(batch["attention_mask"].sum())
+            pairs = int(shared_prompt_mask(batch["sequence_ids"], batch["branch_ids"]).sum())
         else:
             pairs = _causal_pairs(batch["attention_mask"].sum(1).tolist())
         return tokens_in, rows, pairs

@@ -9,20 +9,28 @@ Two layouts (``RankedCollator(layout=...)``):
         pos:  0 .. P0-1  P0 ..     P0 ..      0 .. P1-1  P1 ..      P1 ..          in one row, no padding)
 
     ``position_ids`` restart for each response at the prompt length, so every response sees exactly the positions
-    it would see alone. ``attention_mask`` is a 4D boolean ``[rows, 1, T, T]`` mask (True = may attend): a token
-    sees earlier tokens of its own example's prompt and earlier tokens of its own response, nothing else
-    (block-diagonal across examples). The first token of every response is predicted by the LAST PROMPT TOKEN,
-    whose logits are therefore computed once and shared by the n responses. Needs a model that honours a 4D mask
-    and ``position_ids`` (Llama family, GPT-2, GPT-NeoX with sdpa/eager attention; see
-    ``clha.modeling.supports_shared_prompt``).
+    it would see alone. A token sees earlier tokens of its own example's prompt and earlier tokens of its own
+    response, nothing else (block-diagonal across examples); padding sees only itself. The batch does not carry
+    that pattern as a dense ``[rows, 1, T, T]`` mask: it carries compact per-token segment tensors ``[rows, T]``
+    (``sequence_ids``: which prompt run the token belongs to, -1 for padding; ``branch_ids``: 0 for a prompt
+    token, k + 1 for a token of response k, -1 for padding; ``candidate_ids``: ``b * n + k`` for a response token,
+    -1 otherwise), from which ``clha.modeling.score_candidates`` builds, on the model's device and once per batch,
+    the form the attention kernel wants (a FlexAttention ``BlockMask``, or an additive 4D mask for sdpa/eager; see
+    ``clha.modeling.packed_attention_mask``). ``shared_prompt_mask`` gives the dense boolean pattern (tests,
+    FLOP counts). The first token of every response is predicted by the LAST PROMPT TOKEN, whose logits are
+    therefore computed once and shared by the n responses. Needs a model that honours a 4D mask / block mask and
+    ``position_ids`` (Llama family, GPT-2, GPT-NeoX with sdpa/eager attention, Llama and GPT-NeoX with
+    flex_attention; see ``clha.modeling.supports_shared_prompt``).
 
 ``"padded"``
     B*n rows ``prompt + response_k`` (row ``b*n + k``), right-padded once to the longest, 2D attention mask.
     Works with any causal LM.
 
 ``"auto"``
-    Builds the shared-prompt batch; ``score_candidates`` falls back to the padded layout by itself when the model
-    cannot take the 4D mask (``to_padded_batch``).
+    Chosen ONCE when the collator is built with ``model=``: shared_prompt when the model can take it, else padded
+    (``clha.modeling.choose_layout``); every batch is then built in its final layout. Without ``model=`` the
+    collator builds shared-prompt batches and ``score_candidates`` converts each one to the padded layout when the
+    model cannot take it (``to_padded_batch``: a copy to the CPU and a re-collation per batch, so pass ``model=``).
 
 Common keys: ``rewards`` [B, n] float32, ``sft_index`` [B], ``token_counts`` [B, n] (response tokens scored),
 ``logits_to_keep`` [U] (positions whose logits are needed; the same positions in every row), and the targets as
@@ -162,24 +170,31 @@ def build_shared_prompt(encoded: Sequence[EncodedExample], n: int, pad_id: int, 
     sequence_ids = pad(row_seq, -1)
     branch_ids = pad(row_branch, -1)
     candidate_ids = pad(row_candidate, -1)
-    return dict(layout="shared_prompt", input_ids=input_ids, position_ids=position_ids,
-                attention_mask=shared_prompt_mask(sequence_ids, branch_ids), sequence_ids=sequence_ids,
+    # No dense [rows, 1, T, T] mask here: the segment tensors are all the attention pattern needs, and the model's
+    # device builds from them the form its kernel wants (clha.modeling.packed_attention_mask).
+    return dict(layout="shared_prompt", input_ids=input_ids, position_ids=position_ids, sequence_ids=sequence_ids,
                 branch_ids=branch_ids, candidate_ids=candidate_ids,
                 attention_tokens=sum(len(t) for t in row_tokens),
                 **_targets(targets, R, counts))
 
 
+def shared_prompt_allowed(q_seq, kv_seq, q_branch, kv_branch, q_idx, kv_idx):
+    """The attention rule of the shared-prompt layout, elementwise (any broadcastable shapes, or the scalars of a
+    FlexAttention ``mask_mod``): query token q may attend key token kv when both are in the same prompt run, kv <= q,
+    and kv is a prompt token or belongs to q's own response. Padding (sequence -1) attends to itself only, so no
+    softmax row is empty (an empty row would give NaN in sdpa and poison the gradients)."""
+    same = (q_seq == kv_seq) & (q_seq >= 0) & (kv_idx <= q_idx) & ((kv_branch == 0) | (kv_branch == q_branch))
+    return same | ((q_seq < 0) & (q_idx == kv_idx))
+
+
 def shared_prompt_mask(sequence_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean [rows, 1, T, T] mask, True where query q may attend key j:
-    same sequence, j <= q, and j is a prompt token or belongs to q's own response. Padding (sequence -1) attends to
-    itself only, so no softmax row is empty."""
-    T = sequence_ids.shape[1]
-    q_seq, k_seq = sequence_ids[:, :, None], sequence_ids[:, None, :]
-    q_br, k_br = branch_ids[:, :, None], branch_ids[:, None, :]
-    causal = torch.ones(T, T, dtype=torch.bool, device=sequence_ids.device).tril()
-    allowed = (q_seq == k_seq) & (q_seq >= 0) & causal & ((k_br == 0) | (k_br == q_br))
-    pad_self = (sequence_ids < 0)[:, :, None] & torch.eye(T, dtype=torch.bool, device=sequence_ids.device)
-    return (allowed | pad_self)[:, None, :, :]
+    """The dense boolean [rows, 1, T, T] mask of the shared-prompt layout (True = may attend), built on the
+    segment tensors' device (``shared_prompt_allowed`` at every (q, kv) pair). O(T^2) memory: the model path
+    builds it only for sdpa/eager, on the device, once per batch (``clha.modeling.packed_attention_mask``)."""
+    idx = torch.arange(sequence_ids.shape[1], device=sequence_ids.device)
+    allowed = shared_prompt_allowed(sequence_ids[:, :, None], sequence_ids[:, None, :], branch_ids[:, :, None],
+                                    branch_ids[:, None, :], idx[:, None], idx[None, :])
+    return allowed[:, None, :, :]
 
 
 def build_padded(encoded: Sequence[EncodedExample], n: int, pad_id: int) -> Dict[str, Any]:
@@ -244,14 +259,25 @@ class RankedCollator:
             block-diagonal) instead of one row per example, right-padded. Attention is computed over the whole
             row, so rows are capped at ``max_row_tokens`` (default ``n * block_size``, the size of the largest
             possible example): with the default per-device batch of 2 the whole batch is one row.
+        model: the model the batches are for (only inspected here, not kept). With it the layout is settled now:
+            "auto" becomes "shared_prompt" or "padded" (``clha.modeling.choose_layout``), and "shared_prompt" on a
+            model whose attention cannot take it fails here rather than at the first step. ``self.layout`` is the
+            layout every batch will have.
     """
 
     def __init__(self, tokenizer, block_size: int, n: int, layout: str = "shared_prompt", pack: bool = True,
-                 max_row_tokens: Optional[int] = None):
+                 max_row_tokens: Optional[int] = None, model=None):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if n < 1:
             raise ValueError("n must be at least 1")
+        self.requested_layout = layout
+        if model is not None:
+            from clha.modeling import check_shared_prompt, choose_layout     # clha.modeling imports this module
+            if layout == "auto":
+                layout = choose_layout(model)
+            elif layout == "shared_prompt":
+                check_shared_prompt(model)
         self.tokenizer, self.block_size, self.n, self.layout, self.pack = tokenizer, block_size, n, layout, pack
         self.max_row_tokens = max_row_tokens if max_row_tokens is not None else n * block_size
         self.pad_id = _pad_id(tokenizer)

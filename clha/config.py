@@ -65,7 +65,13 @@ class TrainConfig:
                                choices=("auto", "shared_prompt", "padded"))
     save_epoch_checkpoints: bool = _f(True, "Save a Hugging Face checkpoint at the end of every epoch, as the seed did.")
     logging_steps: int = _f(1, "Write metrics every this many optimizer steps.")
-    torch_dtype: str = _f("auto", "Weights dtype when loading the model: auto (float32 on CPU), float32, bfloat16, float16.")
+    torch_dtype: str = _f("auto", "Weights dtype when loading the model. Training keeps float32 weights (the optimizer's master copy): auto loads float32 for training (bf16 on a GPU for a validation-only run); bfloat16/float16 with --do_train are accepted only under DeepSpeed with that precision enabled (it keeps its own float32 master weights).",
+                          choices=("auto", "float32", "bfloat16", "float16"))
+    mixed_precision: str = _f("auto", "Compute precision over float32 weights (accelerate autocast): auto = what the accelerate launch config says, without one bf16 on a GPU that supports it and fp32 on the CPU; no = fp32; bf16 = bf16 autocast, also on the CPU (emulates a GPU run's precision); fp16 = GPU only. Under DeepSpeed its config file's bf16/fp16 section decides.",
+                              choices=("auto", "no", "bf16", "fp16"))
+    ddp_timeout_minutes: int = _f(60, "Timeout of collective operations between processes (NCCL/gloo/DeepSpeed): how long a process waits for the others, e.g. while process 0 writes a checkpoint, before the run stops with an error.")
+    attn_implementation: str = _f("auto", "Attention kernel of the policy: auto (flex_attention on CUDA when the model supports it, else sdpa), sdpa, eager, flex_attention (CUDA only for training).",
+                                  choices=("auto", "sdpa", "eager", "flex_attention"))
 
     def validate(self) -> None:
         from clha.errors import InputError
@@ -86,7 +92,11 @@ class TrainConfig:
             raise InputError("must be >= 1", field="training_stage_num")
         if self.loss_type in ("clha", "pro", "rrhf", "dpo") and self.training_stage_num < 2:
             raise InputError(f"{self.loss_type} needs at least 2 candidates", field="training_stage_num")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "checkpointing_step", "block_size"):
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise InputError(f"unknown mixed precision {self.mixed_precision!r}; choose auto, no, bf16 or fp16",
+                             field="mixed_precision")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "checkpointing_step", "block_size",
+                     "ddp_timeout_minutes"):
             if getattr(self, name) < 1:
                 raise InputError("must be >= 1", field=name)
 

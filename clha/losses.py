@@ -4,7 +4,7 @@ Every function takes sequence scores of shape ``[B, n]`` with the candidates in 
 best) and returns a :class:`LossOutput` with the same fields, so a trainer logs every method the same way.
 Nothing here touches a model, an accelerator or a file.
 
-Notation (``clha-method.md``): ``s[b, k]`` is the MEAN log-probability of candidate ``k``'s response tokens,
+Notation (``docs/method.md``): ``s[b, k]`` is the MEAN log-probability of candidate ``k``'s response tokens,
 ``sum_logps[b, k]`` their SUM, ``r[b, k]`` its reward, ``sft_index[b]`` the candidate to imitate.
 
 Diagnostics shared by all methods (detached tensors; call :meth:`LossOutput.metrics` for plain floats):
@@ -23,6 +23,7 @@ Diagnostics shared by all methods (detached tensors; call :meth:`LossOutput.metr
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
@@ -60,6 +61,11 @@ class LossOutput:
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+# Value checks that make the host wait for the device (sft_index in range) run on CPU tensors always, on a GPU
+# only with CLHA_DEBUG_CHECKS=1; shape checks always run.
+DEBUG_CHECKS = os.environ.get("CLHA_DEBUG_CHECKS", "") not in ("", "0")
+
+
 def _check_inputs(scores: Tensor, rewards: Optional[Tensor], sft_index: Optional[Tensor]) -> None:
     if scores.dim() != 2:
         raise ValueError(f"scores must have shape [B, n], got {tuple(scores.shape)}")
@@ -68,7 +74,8 @@ def _check_inputs(scores: Tensor, rewards: Optional[Tensor], sft_index: Optional
     if sft_index is not None:
         if sft_index.shape != scores.shape[:1]:
             raise ValueError(f"sft_index must have shape [B]={tuple(scores.shape[:1])}, got {tuple(sft_index.shape)}")
-        if sft_index.numel() and (int(sft_index.min()) < 0 or int(sft_index.max()) >= scores.shape[1]):
+        if (sft_index.numel() and (DEBUG_CHECKS or sft_index.device.type == "cpu")
+                and (int(sft_index.min()) < 0 or int(sft_index.max()) >= scores.shape[1])):
             raise ValueError(f"sft_index out of range [0, {scores.shape[1]})")
 
 
@@ -121,7 +128,7 @@ def _output(rank: Tensor, sft: Tensor, diag: Dict[str, Tensor], extra: Optional[
 def clha_loss(seq_mean_logps: Tensor, seq_sum_logps: Tensor, rewards: Tensor, sft_index: Tensor,
               rank_margin: float = 3.0, reward_gap_threshold: float = 3.0, sft_weight: float = 0.05,
               sft_reward_threshold: float = 0.0) -> LossOutput:
-    """CLHA: rescoring-masked pairwise contrastive loss + reward-gated SFT loss (clha-method.md, "Loss").
+    """CLHA: rescoring-masked pairwise contrastive loss + reward-gated SFT loss (docs/method.md, "Loss").
 
     For each rank distance d = 1..n-1, over the pairs (k, k+d) of the whole batch with
     |r_k - r_{k+d}| > reward_gap_threshold:
@@ -142,12 +149,11 @@ def clha_loss(seq_mean_logps: Tensor, seq_sum_logps: Tensor, rewards: Tensor, sf
     valid = (rewards[:, k] - rewards[:, l]).abs() > reward_gap_threshold      # [B, P]
     hinge = torch.clamp_min(d.to(s.dtype) * rank_margin - diff, 0.0)
     hinge = torch.where(valid, hinge, torch.zeros_like(hinge))
-    rank = s.new_zeros(())
-    for distance in range(1, n):
-        at_d = d == distance
-        count = valid[:, at_d].sum()
-        # no host sync: with no valid pair the numerator is an exact 0 and the count is clamped to 1
-        rank = rank + hinge[:, at_d].sum() / count.clamp_min(1).to(s.dtype)
+    # per rank distance: summed hinges and valid-pair counts (index_add, not boolean indexing: no host sync);
+    # with no valid pair the numerator is an exact 0 and the count is clamped to 1
+    hinge_by_d = s.new_zeros(n).index_add(0, d, hinge.sum(0))
+    count_by_d = s.new_zeros(n).index_add(0, d, valid.sum(0).to(s.dtype))
+    rank = (hinge_by_d[1:] / count_by_d[1:].clamp_min(1)).sum() if n > 1 else s.new_zeros(())
     gate = _pick(rewards, sft_index) > sft_reward_threshold
     sft = sft_weight * (n - 1) ** 2 * _sft_nll_sum(seq_sum_logps, sft_index, gate)
     diag = _diagnostics(diff, valid, s)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clha.collate import RankedCollator, to_padded_batch
+from clha.collate import RankedCollator, shared_prompt_mask, to_padded_batch
 from clha.data.format import ASSISTANT, PROMPTER, RankedExample, render_prompt
 from clha.data.tokenize import encode_pair
 from clha.modeling import CandidateScores, choose_layout, score_candidates, supports_shared_prompt, token_logprobs
@@ -168,7 +168,8 @@ def test_one_forward_and_logits_only_where_needed(tok):
 
 def test_shared_prompt_mask_is_block_diagonal_and_branch_causal(tok):
     batch = RankedCollator(tok, BLOCK, 2)(_examples(2)[:1] + _examples(2)[2:])
-    mask = batch["attention_mask"][0, 0]
+    assert "attention_mask" not in batch        # the pattern travels as [rows, T] segment tensors
+    mask = shared_prompt_mask(batch["sequence_ids"], batch["branch_ids"])[0, 0]
     seq, br = batch["sequence_ids"][0], batch["branch_ids"][0]
     r0 = (br == 1).nonzero()[:, 0]
     r1 = (br == 2).nonzero()[:, 0]
@@ -192,20 +193,47 @@ def test_auto_layout_falls_back_to_padded(tok, monkeypatch):
     assert torch.allclose(shared.mean_logps, padded.mean_logps, atol=1e-5)
     monkeypatch.setattr(clha.modeling, "SHARED_PROMPT_MODEL_TYPES", set())
     assert choose_layout(model) == "padded" and not supports_shared_prompt(model)
-    fallback = score_candidates(model, batch)         # layout_requested == "auto": converts by itself
+    # without model= the collator cannot know: score_candidates converts each batch, and says what it costs
+    with pytest.warns(UserWarning, match="re-collated"):
+        fallback = score_candidates(model, batch)
     assert torch.allclose(fallback.sum_logps, direct.sum_logps, atol=1e-6)
     batch_explicit = RankedCollator(tok, BLOCK, 2, layout="shared_prompt")(examples)
     with pytest.warns(UserWarning, match="not verified"):
         score_candidates(model, batch_explicit)
 
 
+def test_auto_layout_is_chosen_once_when_the_collator_knows_the_model(tok, monkeypatch):
+    import clha.modeling
+
+    def no_recollation(*args, **kwargs):
+        raise AssertionError("a batch was re-collated at scoring time")
+
+    monkeypatch.setattr(clha.modeling, "to_padded_batch", no_recollation)
+    model = _llama(tok, "sdpa")
+    examples = _examples(2)
+    direct = score_candidates(model, RankedCollator(tok, BLOCK, 2, layout="padded")(examples))
+    able = RankedCollator(tok, BLOCK, 2, layout="auto", model=model)
+    assert able.layout == "shared_prompt" and able(examples)["layout"] == "shared_prompt"
+    monkeypatch.setattr(clha.modeling, "SHARED_PROMPT_MODEL_TYPES", set())     # a model that cannot take it
+    unable = RankedCollator(tok, BLOCK, 2, layout="auto", model=model)
+    assert unable.layout == "padded" and unable.requested_layout == "auto"
+    batch = unable(examples)
+    assert batch["layout"] == "padded"
+    got = score_candidates(model, batch)           # to_padded_batch would raise
+    assert torch.allclose(got.sum_logps, direct.sum_logps, atol=1e-6)
+
+
 def test_flash_style_attention_cannot_take_shared_prompt(tok):
     model = _llama(tok, "sdpa")
     model.config._attn_implementation = "flash_attention_2"     # only inspected, never run
     assert choose_layout(model) == "padded"
-    with pytest.raises(ValueError, match="sdpa or eager"):
+    with pytest.raises(ValueError, match="sdpa, eager or flex_attention"):
         from clha.modeling import _resolve_layout
         _resolve_layout(model, RankedCollator(tok, BLOCK, 2, layout="shared_prompt")(_examples(2)))
+    # with the model known, the collator refuses at construction instead of at the first step
+    with pytest.raises(ValueError, match="sdpa, eager or flex_attention"):
+        RankedCollator(tok, BLOCK, 2, layout="shared_prompt", model=model)
+    assert RankedCollator(tok, BLOCK, 2, layout="auto", model=model).layout == "padded"
 
 
 @pytest.mark.parametrize("layout", ["padded", "shared_prompt"])
