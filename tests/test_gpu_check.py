@@ -1,0 +1,110 @@
+"""bench/gpu_check.py: the one-shot GPU check runs every section on the CPU with tiny shapes, guards each section,
+and selects the CUDA tests of the suite."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench import gpu_check
+
+# Checks that need no GPU and must pass on the CPU smoke run (bf16 on the CPU stands in for the GPU).
+CPU_CHECK_PREFIXES = ("CPU bf16 autocast", "CPU bf16 weights", "fp32-master run", "fused log-prob backward",
+                      "fp32 accumulation buffer", "bf16 buffer error")
+
+
+def test_tiny_cpu_run_reports_every_section(repo_root, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OUT="",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(repo_root / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny",
+                           "--out", str(out)], cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["finished"] and result["device"] == "cpu" and result["tiny"]
+    sections = result["sections"]
+    assert set(sections) == set(gpu_check.SECTIONS)
+    assert all(sec["status"] for sec in sections.values())
+    assert sections["cuda_tests"]["status"] == "skipped: no CUDA"
+    for name in ("environment", "loss_parity", "grad_accumulation", "step_time", "generation"):
+        assert sections[name]["status"] == "ok", (name, sections[name])
+        assert not sections[name].get("errors"), sections[name]
+    checks = result["checks"]
+    for prefix in CPU_CHECK_PREFIXES:
+        mine = [c for c in checks if c["name"].startswith(prefix)]
+        assert mine and all(c["passed"] is True for c in mine), (prefix, mine)
+    # GPU goals are recorded but not judged on the CPU
+    goals = [c for c in checks if "(goal)" in c["name"]]
+    assert goals and all(c["passed"] is None for c in goals)
+    names = [f["name"] for f in result["figures"]]
+    assert "trainer, FlexAttention" in names              # recorded as skipped, not silently left out
+    step = sections["step_time"]["data"]
+    ref, sdpa = step["reference (one forward per candidate, full log_softmax)"], step["trainer, SDPA + 4D mask"]
+    assert ref["seconds_per_step"] > 0 and sdpa["seconds_per_step"] > 0
+    assert all(x == x for x in ref["losses"] + sdpa["losses"])         # finite, no NaN
+    gen = sections["generation"]["data"]["results"]
+    assert gen["stops"]["fast"]["length"] == gen["stops"]["hf"]["length"] == gpu_check.TINY_WORK["gen"]["prompts"]
+    table = (out / "gpu_check.md").read_text()
+    assert "| section | figure | value |" in table and "PASS loss_parity: CPU bf16 autocast" in table
+    assert (out / "gpu_check.log").read_text().count("== ") >= 2 * len(gpu_check.SECTIONS) - 1
+
+
+def test_a_failing_or_slow_section_does_not_stop_the_others(tmp_path, monkeypatch):
+    ctx = gpu_check.Context(tmp_path, "cpu", True, budget=60, argv=[])
+    calls = []
+
+    def boom(ctx):
+        calls.append("boom")
+        raise RuntimeError("broken on purpose")
+
+    def slow(ctx):
+        calls.append("slow")
+        time.sleep(30)
+
+    def fine(ctx):
+        calls.append("fine")
+        with ctx.part("inner"):
+            raise ValueError("a failing part")
+        ctx.check("a figure", 1.0, "<", 2.0)
+
+    monkeypatch.setitem(gpu_check.SECTION_FUNCS, "environment", boom)
+    monkeypatch.setitem(gpu_check.SECTION_FUNCS, "cuda_tests", slow)
+    monkeypatch.setitem(gpu_check.SECTION_FUNCS, "loss_parity", fine)
+    monkeypatch.setitem(gpu_check.SECTION_LIMITS, "cuda_tests", 0.5)
+    start = time.monotonic()
+    for name in ("environment", "cuda_tests", "loss_parity"):
+        gpu_check.run_section(ctx, name)
+    assert time.monotonic() - start < 10
+    assert calls == ["boom", "slow", "fine"]
+    sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    assert sections["environment"]["status"] == "failed" and "broken on purpose" in sections["environment"]["error"]
+    assert sections["cuda_tests"]["status"] == "timeout"
+    assert sections["loss_parity"]["status"] == "partial" and "inner" in sections["loss_parity"]["errors"]
+    assert "PASS loss_parity: a figure" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.parametrize("nodeid, markers, reasons, wanted", [
+    ("tests/test_x.py::test_scores_on_cuda", set(), [], True),
+    ("tests/test_x.py::test_loss_bf16_matches_fp32", set(), [], True),
+    ("tests/test_x.py::test_mixed_precision_default", set(), [], True),
+    ("tests/test_x.py::test_anything", {"gpu"}, [], True),
+    ("tests/test_x.py::test_anything", {"skipif"}, ["needs CUDA True"], True),
+    ("tests/test_x.py::test_anything", {"skipif"}, ["needs the SmolLM2 package"], False),
+    ("tests/test_x.py::test_collate", set(), [], False),
+    ("tests/test_x.py::test_long_run_on_cuda", {"slow"}, [], False),
+])
+def test_cuda_test_selection(nodeid, markers, reasons, wanted):
+    assert gpu_check.wants_test(nodeid, markers, reasons) is wanted
+
+
+def test_pytest_verbose_lines_are_counted_even_when_cut_short():
+    log = ("tests/test_a.py::test_one[llama] PASSED [ 25%]\n"
+           "tests/test_a.py::test_two FAILED [ 50%]\n"
+           "tests/test_b.py::test_gpu SKIPPED (needs CUDA) [ 75%]\n"
+           "tests/test_b.py::test_cuda_mask ")
+    outcomes = gpu_check.parse_pytest_verbose(log)
+    assert outcomes == {"passed": ["tests/test_a.py::test_one[llama]"], "failed": ["tests/test_a.py::test_two"],
+                        "skipped": ["tests/test_b.py::test_gpu"]}
