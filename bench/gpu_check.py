@@ -21,7 +21,8 @@ results are rewritten after every section, so a timeout keeps what finished:
 4. step_time     optimizer step of a 1B-shaped Llama (hidden 2048, 16 layers, 32 heads, 8 kv heads, intermediate
                  8192, vocab 49152, tied embeddings; bf16 autocast over fp32 master weights, fused AdamW) at
                  per-device batch 8, n = 2, block 1024: the reference step (bench/train_step.py's, one forward per
-                 candidate, full-vocabulary log_softmax), this trainer with SDPA + 4D mask, and with FlexAttention.
+                 candidate, full-vocabulary log_softmax), this trainer with SDPA + 4D mask, with FlexAttention,
+                 and with FlexAttention over one unpadded row per micro-batch (``--max_row_tokens 0``).
                  s/step, tokens/s, peak memory, MFU, ratio to the reference.
 5. generation    new tokens/s of clha.generation's fast engine, its HF-generate engine and plain
                  ``model.generate`` (SmolLM2-135M shapes, bf16, greedy, 64 prompts, 128 new tokens, EOS disabled).
@@ -902,8 +903,22 @@ def section_step_time(ctx: Context):
             set_attention(model, "flex_attention")
             batches = [to_device(collator(ex), dev) for ex in examples]
             rows["flex"] = run("trainer, FlexAttention", batches, project_step, w["warmup"] + w["distinct"])
+    with ctx.part("flex_one_row"):
+        # --max_row_tokens 0: the whole micro-batch in one row, no padding (the block mask skips the tiles between
+        # examples); the default cap (n * block) leaves rows padded to the longest one
+        if not cuda_ok(ctx):
+            ctx.figure("trainer, FlexAttention, one row per micro-batch", "skipped: no CUDA")
+        else:
+            set_attention(model, "flex_attention")
+            one_row = RankedCollator(tok, w["block"], w["n"], layout="shared_prompt", max_row_tokens=0)
+            batches = [to_device(one_row(ex), dev) for ex in examples]
+            ctx.figure("one-row batches (rows x tokens)",
+                       ", ".join(f"{r} x {t}" for r, t in (tuple(b["input_ids"].shape) for b in batches)))
+            rows["flex_one_row"] = run("trainer, FlexAttention, one row per micro-batch", batches, project_step,
+                                       w["warmup"] + w["distinct"])
     ref = rows.get("reference")
-    for key, label in (("sdpa", "SDPA + 4D mask"), ("flex", "FlexAttention")):
+    for key, label in (("sdpa", "SDPA + 4D mask"), ("flex", "FlexAttention"),
+                       ("flex_one_row", "FlexAttention, one row per micro-batch")):
         r = rows.get(key)
         if r and ref:
             ratio = ref["seconds_per_step"] / r["seconds_per_step"]

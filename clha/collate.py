@@ -258,7 +258,9 @@ class RankedCollator:
         pack: shared-prompt layout only: pack several examples into one row (no padding between them; the mask is
             block-diagonal) instead of one row per example, right-padded. Attention is computed over the whole
             row, so rows are capped at ``max_row_tokens`` (default ``n * block_size``, the size of the largest
-            possible example): with the default per-device batch of 2 the whole batch is one row.
+            possible example): with the default per-device batch of 2 the whole batch is one row. ``0``: no cap,
+            the whole batch in one row with no padding at all (worth it with flex attention, which skips the
+            tiles between examples; a dense mask grows with the square of the row).
         model: the model the batches are for (only inspected here, not kept). With it the layout is settled now:
             "auto" becomes "shared_prompt" or "padded" (``clha.modeling.choose_layout``), and "shared_prompt" on a
             model whose attention cannot take it fails here rather than at the first step. ``self.layout`` is the
@@ -279,7 +281,10 @@ class RankedCollator:
             elif layout == "shared_prompt":
                 check_shared_prompt(model)
         self.tokenizer, self.block_size, self.n, self.layout, self.pack = tokenizer, block_size, n, layout, pack
-        self.max_row_tokens = max_row_tokens if max_row_tokens is not None else n * block_size
+        if max_row_tokens is not None and max_row_tokens < 0:
+            raise ValueError(f"max_row_tokens must be >= 0 (0: no cap), got {max_row_tokens}")
+        # None: the default cap; 0: no cap (assign_rows takes None for that)
+        self.max_row_tokens = (n * block_size if max_row_tokens is None else max_row_tokens) or None
         self.pad_id = _pad_id(tokenizer)
 
     def encode(self, examples: Sequence[RankedExample]) -> List[EncodedExample]:

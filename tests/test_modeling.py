@@ -286,3 +286,18 @@ def test_rows_are_capped_and_still_exact(tok):
     got = score_candidates(model, batch)
     want = _reference_scores(model, tok, examples, 2)
     assert torch.allclose(got.mean_logps, want.mean_logps, atol=1e-5, rtol=0)
+
+
+def test_max_row_tokens_zero_packs_the_whole_batch_in_one_unpadded_row(tok):
+    model = _llama(tok, "sdpa")
+    examples = _examples(3)
+    capped = RankedCollator(tok, BLOCK, 2, max_row_tokens=60)(examples)
+    one = RankedCollator(tok, BLOCK, 2, max_row_tokens=0)(examples)
+    assert capped["input_ids"].shape[0] > 1 and one["input_ids"].shape[0] == 1
+    # one row holds every token once: no padding at all
+    assert one["input_ids"].shape[1] == int((one["sequence_ids"] >= 0).sum()) == int(capped["attention_tokens"])
+    got = score_candidates(model, one)
+    want = _reference_scores(model, tok, examples, 2)
+    assert torch.allclose(got.mean_logps, want.mean_logps, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="max_row_tokens"):
+        RankedCollator(tok, BLOCK, 2, max_row_tokens=-1)
