@@ -26,11 +26,32 @@ def repo_root() -> Path:
     return REPO
 
 
+def in_ci() -> bool:
+    """CI sets CI=true (as GitHub Actions and most CI services do)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_shared_data(*subpaths: str) -> Path:
+    """../shared/data (and these folders in it), for the tests on the real HH-RLHF files. Missing, the test is
+    skipped on a developer's machine; in CI, which promises the data beside the clone, it is an error."""
+    missing = [p for p in [SHARED_DATA, *(SHARED_DATA / s for s in subpaths)] if not p.is_dir()]
+    if missing:
+        message = f"shared HH-RLHF data not found: {', '.join(map(str, missing))}"
+        if in_ci():
+            pytest.fail(f"{message} (CI=true: the CI run must provide ../shared/data)", pytrace=False)
+        pytest.skip(message)
+    return SHARED_DATA
+
+
+def pytest_runtest_setup(item):
+    """`@pytest.mark.needs_shared_data("hh-rlhf", ...)`: see require_shared_data."""
+    for mark in item.iter_markers(name="needs_shared_data"):
+        require_shared_data(*mark.args)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.skip(f"HH-RLHF data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    return require_shared_data()
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ rank 0 and rank 1 of 2.
 """
 
 import json
+import math
 import os
 import random
 import shutil
@@ -22,7 +23,7 @@ from clha.data.format import write_ranked
 from clha.errors import InputError
 from clha.evaluation import (METRICS, SUBSETS, EvalConfig, ShardError, char_bleu, check_reward_models, compare_main,
                              compare_runs, main, merge_shards, render_markdown, run_generate, run_reward, run_score,
-                             same_reward_model, sentence_bleu, shard_path, sigmoid, summarise, word_bleu,
+                             same_reward_model, sentence_bleu, shard_path, sigmoid, word_bleu,
                              word_tokens)
 from tests.conftest import REPO, make_ranked_rows
 
@@ -176,9 +177,10 @@ def test_reports_agree_with_examples(full_run, assets):
     rows = _read_jsonl(out / "examples.jsonl")
     report = json.loads((out / "report.json").read_text())
     for subset in SUBSETS:
-        expected = summarise([r for r in rows if r["subset"] == subset])
-        for key in ["n"] + [k for k, _, _ in METRICS]:
-            assert report["subsets"][subset][key] == pytest.approx(expected[key], abs=1e-9)
+        mine = [r for r in rows if r["subset"] == subset]     # plain means, not the module's summarise
+        assert report["subsets"][subset]["n"] == len(mine) == SIZES[subset]
+        for key, _, _ in METRICS:
+            assert report["subsets"][subset][key] == pytest.approx(sum(r[key] for r in mine) / len(mine), abs=1e-9)
     for key, _, _ in METRICS:
         assert report["overall"][key] == pytest.approx(sum(r[key] for r in rows) / len(rows), abs=1e-9)
     markdown = (out / "report.md").read_text()
@@ -191,7 +193,9 @@ def test_reports_agree_with_examples(full_run, assets):
     assert report["train_reward_model"] == assets["rm_train"] and report["same_reward_model"] is False
     assert (out / "reward_by_subset.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for r in rows:
-        assert r["reward"] == pytest.approx(100 * sigmoid(r["reward_logit"]))
+        # a plain logistic, not the module's own sigmoid (its values are checked by hand in test_reward_is_sigmoid_x100)
+        assert r["reward"] == pytest.approx(100 / (1 + math.exp(-r["reward_logit"])))
+        assert r["chosen_reward"] == pytest.approx(100 / (1 + math.exp(-r["chosen_reward_logit"])))
         assert r["bleu"] == pytest.approx(100 * char_bleu(r["response"], r["chosen"]))
         assert r["win"] == (100.0 if r["reward_logit"] > r["chosen_reward_logit"] else
                             50.0 if r["reward_logit"] == r["chosen_reward_logit"] else 0.0)
@@ -451,3 +455,68 @@ def test_single_process_launch_needs_no_process_group(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gathered [2.0] 1" in proc.stdout
+
+
+# ================================================================================================ reward values
+def test_reward_is_sigmoid_x100_against_hand_values():
+    """Reward = 100 * sigmoid(eval RM logit), for negative logits too; values to 40 digits from
+    1 / (1 + e^-x) in decimal arithmetic, written out here."""
+    from clha.data.format import ASSISTANT, PROMPTER
+    from clha.evaluation import Example, example_row
+
+    hand = {0.0: 0.5, 2.0: 0.8807970779778824, -2.0: 0.11920292202211756, -1.0: 0.2689414213699951,
+            0.5: 0.6224593312018546, -0.5: 0.37754066879814546, -30.0: 9.357622968839299e-14}
+    for x, value in hand.items():
+        assert sigmoid(x) == pytest.approx(value, rel=1e-12, abs=0), x
+    assert sigmoid(-1000.0) == 0.0 and sigmoid(1000.0) == 1.0      # no overflow at either end
+    ex = Example(index=3, line_num=4, prompt=[PROMPTER + "hi", ASSISTANT], chosen="hello")
+    row = example_row("helpful_base", ex, {"response": "hey", "stop": "eos"},
+                      {"reward_logit": -2.0, "chosen_reward_logit": -0.5},
+                      {"bleu": 0.0, "bleu_words": 0.0, "response_words": 1})
+    assert row["reward"] == pytest.approx(11.920292202211756, rel=1e-12)
+    assert row["chosen_reward"] == pytest.approx(37.754066879814546, rel=1e-12)
+    assert row["win"] == 0.0 and row["at_limit"] == 0.0
+
+
+# ================================================================================================ stale shards
+def test_complete_shard_with_an_old_fingerprint_is_not_current(tmp_path):
+    from clha.evaluation import shard_is_current, write_shard
+
+    path = tmp_path / "helpful_base.rank0-of-2.json"
+    rows = [{"index": i, "response": "r"} for i in (0, 2, 4)]
+    write_shard(path, "generate", "helpful_base", 0, 2, "old-fingerprint", rows)
+    assert shard_is_current(path, "old-fingerprint", [0, 2, 4])
+    assert not shard_is_current(path, "new-fingerprint", [0, 2, 4])      # complete body, other fingerprint
+    assert not shard_is_current(path, "old-fingerprint", [0, 2])         # other share
+
+
+def test_shards_are_regenerated_after_the_checkpoint_changes(assets, tmp_path):
+    """A checkpoint overwritten in place (same path, new weights) or a shard whose fingerprint is old: the next run
+    regenerates the shard even though its body is complete."""
+    policy = tmp_path / "policy"
+    shutil.copytree(assets["policy"], policy)
+    out = tmp_path / "run"
+    cfg = _cfg(assets, out, model_path=str(policy), subsets=["helpful_online"])
+    shard = shard_path(out, "generate", "helpful_online", 0, 2)
+    run_generate(cfg, LocalProcess(0, 2))
+    first = json.loads(shard.read_text())
+    assert [r["index"] for r in first["rows"]] == [0, 2]
+    # the same inputs: skipped
+    mtime = shard.stat().st_mtime_ns
+    run_generate(cfg, LocalProcess(0, 2))
+    assert shard.stat().st_mtime_ns == mtime
+    # an old fingerprint on a complete body: regenerated, with the current fingerprint
+    shard.write_text(json.dumps(dict(first, fingerprint="0" * 20)))
+    run_generate(cfg, LocalProcess(0, 2))
+    assert json.loads(shard.read_text()) == first
+    # the checkpoint retrained in place: new fingerprint, new responses
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(policy / "model.safetensors"))
+    gen = torch.Generator().manual_seed(7)
+    save_file({k: torch.randn(v.shape, generator=gen) * 0.2 if v.dim() == 2 else v for k, v in weights.items()},
+              str(policy / "model.safetensors"), metadata={"format": "pt"})
+    run_generate(cfg, LocalProcess(0, 2))
+    second = json.loads(shard.read_text())
+    assert second["fingerprint"] != first["fingerprint"]
+    assert [r["response"] for r in second["rows"]] != [r["response"] for r in first["rows"]]

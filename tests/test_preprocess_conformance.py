@@ -33,8 +33,7 @@ SHARED = REPO.parent / "shared" / "data"
 RAW = SHARED / "hh-rlhf"
 PRO = SHARED / "pro-format" / "hh_test"
 
-pytestmark = pytest.mark.skipif(not (RAW.is_dir() and PRO.is_dir()),
-                                reason=f"shared HH-RLHF data not found at {SHARED}")
+pytestmark = pytest.mark.needs_shared_data("hh-rlhf", "pro-format/hh_test")   # an error under CI=true
 
 COMPARED = {"harmless-base": "harmless_base", "helpful-base": "helpful_base", "helpful-online": "helpful_online"}
 RAW_ROWS = {"harmless-base": 2312, "helpful-base": 2354, "helpful-online": 1137, "helpful-rejection-sampled": 2749}

@@ -287,7 +287,9 @@ def test_dtype_resolution(model_dirs):
     assert next(bf16_scorer.model.parameters()).dtype == torch.bfloat16
     bf16 = bf16_scorer.score(PROMPTS[:3], RESPONSES[:3])
     assert all(type(s) is float for s in bf16)
-    assert bf16 == pytest.approx(fp32, abs=0.1)
+    # bf16 backbone vs float32: at most 0.016 apart on these tiny models (measured on the CPU for llama, bert and
+    # neox over PROMPTS x RESPONSES; logits span -1.9..0.8); 0.03 leaves twice that for other CPUs' kernels
+    assert bf16 == pytest.approx(fp32, abs=0.03)
 
 
 def test_real_minilm_scores_finitely():
@@ -369,4 +371,4 @@ def test_bf16_backbone_keeps_a_float32_head(kind, head, model_dirs):
     rounded = [float(torch.tensor(s).bfloat16().float()) for s in scores]
     assert sum(s != r for s, r in zip(scores, rounded)) >= len(scores) - 1   # not bf16 values
     fp32 = load_reward_model(model_dirs[kind], device="cpu").score(PROMPTS, RESPONSES)
-    assert scores == pytest.approx(fp32, abs=0.1)
+    assert scores == pytest.approx(fp32, abs=0.03)                  # measured: <= 0.016 (test_dtype_resolution)

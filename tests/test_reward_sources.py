@@ -151,7 +151,7 @@ GOLDEN = {
 }
 
 
-@pytest.mark.skipif(not (SHARED / "hh-rlhf").is_dir(), reason=f"shared HH-RLHF data not found at {SHARED}")
+@pytest.mark.needs_shared_data("hh-rlhf", "pro-format/hh_test")   # an error under CI=true when missing
 def test_stored_rewards_run_on_real_files_is_byte_identical_but_for_the_source(tmp_path):
     pro = SHARED / "pro-format" / "hh_test"
     subsets = ["harmless-base", "helpful-base", "helpful-online"]
@@ -204,3 +204,14 @@ def test_reward_source_shares_and_trainer_log(tmp_path, caplog):
     assert ("reward sources of the 4 training rows: reward_model:a 50.0% (2), precomputed:b.json 25.0% (1), "
             "unrecorded 25.0% (1)") in caplog.text
     assert "the training rows mix 2 reward sources" in caplog.text
+
+
+def test_missing_shared_data_is_skipped_locally_and_an_error_in_ci(monkeypatch):
+    from tests.conftest import require_shared_data
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no-such-folder"):
+        require_shared_data("no-such-folder")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no-such-folder.*CI=true"):
+        require_shared_data("no-such-folder")

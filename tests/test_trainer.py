@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,6 @@ def test_epoch_order_covers_every_example_once_per_epoch():
     assert steps == 2 and len(order) == 24
     seen = [i for s in range(steps) for m in range(accum) for r in range(world)
             for i in micro_batch(order, s, m, r, bs, world, accum)]
-    assert sorted(seen[:n]) == list(range(n)) or sorted(set(seen)) == list(range(n))
     assert sorted(set(seen)) == list(range(n))      # nothing skipped
     assert len(seen) - len(set(seen)) == 24 - 23     # only the wrap-around pad repeats
     # a different epoch gives a different permutation; the same epoch the same one
@@ -95,35 +93,57 @@ def _weights(ckpt: Path):
     return load_file(str(ckpt / "model.safetensors"))
 
 
+# Runs train/main.py in a process that SIGKILLs itself right after writing the metrics of optimizer step
+# CLHA_TEST_KILL_AT_STEP (before that step's checkpoint): the crash point is the same on every run and machine.
+_KILL_AT_STEP = """
+import os, runpy, signal, sys
+import clha.trainer
+step = int(os.environ["CLHA_TEST_KILL_AT_STEP"])
+log = clha.trainer.Trainer._log_metrics
+def log_then_die(self, metrics):
+    log(self, metrics)
+    if metrics["step"] == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+clha.trainer.Trainer._log_metrics = log_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_lm_dir):
     data = _write_data(tmp_path)
-    steps = 8
+    steps, warmup, lr = 8, 2, 1e-3
+    schedule = ["--lr_scheduler_type", "linear", "--warmup_steps", str(warmup)]   # the lr changes every step
     # Uninterrupted reference run.
-    ref = _run_main(_args(tiny_lm_dir, data, tmp_path / "a", tmp_path / "la", steps))
+    ref = _run_main(_args(tiny_lm_dir, data, tmp_path / "a", tmp_path / "la", steps, schedule))
     out, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out
-    # Same run, killed with SIGKILL at a random step, then resumed.
-    kill_after = random.Random().randint(3, 6)
-    proc = _run_main(_args(tiny_lm_dir, data, tmp_path / "b", tmp_path / "lb", steps))
+    # Same run, killed with SIGKILL after step 3..6 (seeded choice; an even step dies before its checkpoint, so the
+    # resume goes back two steps), then resumed.
+    kill_at = random.Random(16).randint(3, 6)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CLHA_TEST_KILL_AT_STEP=str(kill_at))
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_STEP, str(REPO / "train" / "main.py"),
+                           *_args(tiny_lm_dir, data, tmp_path / "b", tmp_path / "lb", steps, schedule)],
+                          env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-4000:]
     metrics = tmp_path / "lb" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(_rows(metrics)) >= kill_after:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed (step {kill_after})"
+    assert [m["step"] for m in _rows(metrics)] == list(range(1, kill_at + 1))
     resumed = _run_main(_args(tiny_lm_dir, data, tmp_path / "b", tmp_path / "lb", steps,
-                              ["--resume_from_checkpoint", "latest"]))
+                              [*schedule, "--resume_from_checkpoint", "latest"]))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
-    assert "resumed from" in out
+    assert f"resumed from {tmp_path / 'b' / 'train_state' / f'step_{kill_at - kill_at % 2}'}" in out
 
     a_metrics, b_metrics = _rows(tmp_path / "la" / "metrics.jsonl"), _rows(metrics)
     assert [m["step"] for m in b_metrics] == list(range(1, steps + 1))  # each step logged once
-    assert b_metrics[-1]["loss"] == pytest.approx(a_metrics[-1]["loss"], rel=1e-5, abs=1e-6)
+    # linear warm-up then decay to 0 (the lr logged after step s is the one step s + 1 uses), by hand:
+    # lr * s / warmup while s < warmup, then lr * (steps - s) / (steps - warmup)
+    hand = [lr * (s / warmup if s < warmup else (steps - s) / (steps - warmup)) for s in range(1, steps + 1)]
+    assert [m["lr"] for m in a_metrics] == pytest.approx(hand, rel=1e-9, abs=1e-15)
+    assert [m["lr"] for m in b_metrics] == pytest.approx(hand, rel=1e-9, abs=1e-15)  # scheduler state resumed
+    for a, b in zip(a_metrics, b_metrics):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
     # no example skipped or repeated: the data order of every step is that of the uninterrupted run
     assert _rows(tmp_path / "lb" / "data_order.jsonl") == _rows(tmp_path / "la" / "data_order.jsonl")
     wa, wb = _weights(tmp_path / "a" / f"step_{steps}"), _weights(tmp_path / "b" / f"step_{steps}")
@@ -372,3 +392,57 @@ def test_validation_generates_with_sdpa_when_the_policy_trains_with_flex(tmp_pat
     trainer.validate()
     assert seen == ["sdpa"]
     assert _attention_implementation(inner) == "flex_attention"
+
+
+# ---------------------------------------------------------------- metrics over processes
+def test_step_metrics_are_averaged_over_processes_and_micro_batches(tmp_path, tiny_lm_dir, monkeypatch,
+                                                                     fresh_accelerate):
+    """One optimizer step as process 0 of 2: the other process's per-micro-batch values are stood in by the
+    all-reduce (rank 1 reports twice rank 0's sums). Logged means divide by 2 processes x 2 micro-batches; the pair
+    counts give the accuracy over all valid pairs of the step."""
+    import clha.losses
+    from clha.trainer import Trainer
+
+    data = _write_data(tmp_path, num=16)
+    trainer = Trainer(parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 1)))  # 2 micro-batches
+    trainer.setup()
+    real = trainer.accelerator
+    reduced = []
+
+    class ProcessZeroOfTwo:
+        """The real single-process accelerator, seen as process 0 of 2."""
+        num_processes, process_index, is_main_process = 2, 0, True
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def reduce(self, tensor, reduction="mean"):
+            assert reduction == "sum"
+            reduced.append(tensor.clone())
+            return tensor + 2 * tensor                  # rank 0's values + rank 1's (twice rank 0's)
+
+    outs = []
+    compute = clha.losses.compute_loss
+
+    def recording(*args, **kwargs):
+        out = compute(*args, **kwargs)
+        outs.append({k: float(getattr(out, k).detach()) for k in (
+            "loss", "rank_loss", "sft_loss", "chosen_logps", "rejected_logps", "margin", "masked_pair_fraction",
+            "num_valid_pairs", "num_correct_pairs")})
+        return out
+
+    monkeypatch.setattr(clha.losses, "compute_loss", recording)
+    trainer.accelerator, trainer.world = ProcessZeroOfTwo(), 2
+    metrics = trainer._optimizer_step(epoch_order(16, 0, 3, 2, 2, 2))
+    assert len(outs) == 2 and reduced                    # 2 micro-batches, the metrics went through the all-reduce
+
+    def step_mean(key):                                  # (rank 0's sum + rank 1's) / (2 processes x 2 micro-batches)
+        return (1 + 2) * sum(o[key] for o in outs) / (2 * 2)
+
+    for logged, key in [("loss", "loss"), ("rank_loss", "rank_loss"), ("sft_loss", "sft_loss"),
+                        ("chosen_mean_logp", "chosen_logps"), ("rejected_mean_logp", "rejected_logps"),
+                        ("logp_margin", "margin"), ("masked_pair_fraction", "masked_pair_fraction")]:
+        assert metrics[logged] == pytest.approx(step_mean(key), rel=1e-6), logged
+    valid = sum(o["num_valid_pairs"] for o in outs)
+    assert valid > 0
+    assert metrics["rank_accuracy"] == pytest.approx(sum(o["num_correct_pairs"] for o in outs) / valid)
