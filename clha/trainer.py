@@ -112,7 +112,8 @@ def adamw_param_groups(model, weight_decay: float) -> List[dict]:
     for name, param in model.named_parameters():
         if param.requires_grad:
             (plain if any(k in name.lower() for k in no_decay) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]       # (LoRA adapters have no bias / norm parameters)
 
 
 def _looks_local(path: str) -> bool:
@@ -339,6 +340,8 @@ def reference_plan(num_examples: int, start: "Position", total_steps: int, seed:
 
 
 class Trainer:
+    peft_model = None          # the peft wrapper once setup() applied --lora_r > 0 (clha.lora); None otherwise
+
     def __init__(self, cfg: TrainConfig, accelerator=None):
         cfg.validate()
         self.cfg = cfg
@@ -374,8 +377,13 @@ class Trainer:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
+        self.peft_model = None                       # the peft wrapper when --lora_r > 0 (see clha.lora)
+        if cfg.lora_r > 0:
+            from clha.lora import apply_lora
+            self.peft_model = apply_lora(model, cfg)
+            model = self.peft_model.get_base_model()  # the same modules, adapters injected, base frozen
         self.collator = RankedCollator(self.tokenizer, cfg.block_size, cfg.training_stage_num,
-                                       layout=cfg.candidate_layout, model=model)
+                                       layout=cfg.candidate_layout, model=model, max_row_tokens=cfg.max_row_tokens)
         self.world = acc.num_processes
         self.steps_per_epoch = steps_per_epoch(len(self.train_examples), cfg.per_device_train_batch_size,
                                                self.world, cfg.gradient_accumulation_steps) if self.train_examples else 0
@@ -466,10 +474,13 @@ class Trainer:
         self.ref_scored |= new
 
     def _reference_forward(self, batch: Dict) -> torch.Tensor:
-        """Summed log-probs [B, n] of one reference micro-batch under the model as prepared for training."""
+        """Summed log-probs [B, n] of one reference micro-batch under the model as prepared for training (with
+        LoRA: the same model with its adapters switched off, i.e. the frozen base)."""
+        from clha.lora import adapters_disabled
         from clha.modeling import score_candidates
 
-        return score_candidates(self.model, batch).sum_logps.float()
+        with adapters_disabled(self.peft_model):
+            return score_candidates(self.model, batch).sum_logps.float()
 
     def _load_reference(self, path: Path) -> None:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -614,7 +625,18 @@ class Trainer:
     def _scorer(self):
         if self._reward_model is None:
             from clha.reward import load_reward_model
-            self._reward_model = load_reward_model(self.cfg.reward_model, device=self.accelerator.device)
+            plugin = self.accelerator.state.deepspeed_plugin
+            if plugin is None:
+                self._reward_model = load_reward_model(self.cfg.reward_model, device=self.accelerator.device)
+                return self._reward_model
+            # Under ZeRO-3, accelerate registers its DeepSpeed config with transformers, which then partitions every
+            # model it loads (zero.Init); the reward model is used whole on each process, outside DeepSpeed.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+            unset_hf_deepspeed_config()
+            try:
+                self._reward_model = load_reward_model(self.cfg.reward_model, device=self.accelerator.device)
+            finally:
+                plugin.set_deepspeed_weakref()
         return self._reward_model
 
     def validate(self) -> float:
@@ -675,7 +697,11 @@ class Trainer:
         state = state_dict_for_save(acc, self.model)
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if self.peft_model is not None:          # merged model + adapter/ (clha.lora)
+                from clha.lora import save_lora_checkpoint
+                save_lora_checkpoint(self.peft_model, acc.unwrap_model(self.model), tmp, state)
+            else:
+                acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             write_json(tmp / "clha_config.json", {**self.cfg.to_dict(), "global_step": self.pos.global_step})
             if final.exists():
