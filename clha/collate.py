@@ -64,7 +64,8 @@ class EncodedExample:
     responses: List[List[int]]        # n response id lists, already cut to fit block_size
 
 
-def encode_example(tokenizer, example: RankedExample, block_size: int, n: int) -> EncodedExample:
+def encode_example(tokenizer, example: RankedExample, block_size: int, n: int,
+                   eos_id: Optional[int] = None) -> EncodedExample:
     prompts: List[List[int]] = []
     seen: Dict[tuple, int] = {}
     candidate_prompt, responses = [], []
@@ -75,7 +76,8 @@ def encode_example(tokenizer, example: RankedExample, block_size: int, n: int) -
             prompts.append(encode_prompt(tokenizer, render_prompt(example.prefix[k]), block_size))
         p = seen[key]
         candidate_prompt.append(p)
-        responses.append(encode_pair(tokenizer, "", example.suffix[k], block_size, prompt_ids=prompts[p]).response_ids)
+        responses.append(encode_pair(tokenizer, "", example.suffix[k], block_size, prompt_ids=prompts[p],
+                                     eos_id=eos_id).response_ids)
     return EncodedExample(prompts, candidate_prompt, responses)
 
 
@@ -265,10 +267,12 @@ class RankedCollator:
             "auto" becomes "shared_prompt" or "padded" (``clha.modeling.choose_layout``), and "shared_prompt" on a
             model whose attention cannot take it fails here rather than at the first step. ``self.layout`` is the
             layout every batch will have.
+        append_eos: end each response with the tokenizer's EOS token (scored like any response token), as the
+            trainer does by default (``--append_eos``); a response cut to fit ``block_size`` gets none.
     """
 
     def __init__(self, tokenizer, block_size: int, n: int, layout: str = "shared_prompt", pack: bool = True,
-                 max_row_tokens: Optional[int] = None, model=None):
+                 max_row_tokens: Optional[int] = None, model=None, append_eos: bool = False):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if n < 1:
@@ -286,6 +290,12 @@ class RankedCollator:
         # None: the default cap; 0: no cap (assign_rows takes None for that)
         self.max_row_tokens = (n * block_size if max_row_tokens is None else max_row_tokens) or None
         self.pad_id = _pad_id(tokenizer)
+        self.eos_id = None
+        if append_eos:
+            self.eos_id = getattr(tokenizer, "eos_token_id", None)
+            if self.eos_id is None:
+                raise ValueError("append_eos: the tokenizer has no eos_token_id (pass append_eos=False, "
+                                 "--no-append_eos in training)")
 
     def encode(self, examples: Sequence[RankedExample]) -> List[EncodedExample]:
         for i, ex in enumerate(examples):
@@ -293,7 +303,7 @@ class RankedCollator:
                 raise ValueError(f"example {i} has {ex.n} candidates, the collator needs {self.n}")
             if not 0 <= ex.sft_index < self.n:
                 raise ValueError(f"example {i}: sft_index {ex.sft_index} is not among the first {self.n} candidates")
-        return [encode_example(self.tokenizer, ex, self.block_size, self.n) for ex in examples]
+        return [encode_example(self.tokenizer, ex, self.block_size, self.n, self.eos_id) for ex in examples]
 
     def __call__(self, examples: Sequence[RankedExample]) -> Dict[str, Any]:
         if not examples:

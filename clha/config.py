@@ -73,6 +73,7 @@ class TrainConfig:
     attn_implementation: str = _f("auto", "Attention kernel of the policy: auto (flex_attention on CUDA when the model supports it, else sdpa), sdpa, eager, flex_attention (CUDA only for training).",
                                   choices=("auto", "sdpa", "eager", "flex_attention"))
     max_row_tokens: Optional[int] = _f(None, "Shared-prompt layout: most tokens packed into one row of a micro-batch (default n * block_size, the largest possible example); 0 packs the whole micro-batch into one row without padding (for flex_attention, whose block mask skips the tiles between examples).")
+    append_eos: bool = _f(True, "End every training response with the tokenizer's EOS token (scored like the response's other tokens), so that the policy learns to stop where the reply ends; a response cut to fit --block_size gets none. --no-append_eos scores the response text alone, as the reference code did.")
     lora_r: int = _f(0, "LoRA rank; 0 trains every weight (full fine-tuning), > 0 trains only LoRA adapters (peft) on the frozen model. Checkpoints then hold the merged model (loaded like any checkpoint) and the adapter in adapter/.")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator: an adapter adds B @ A * lora_alpha / lora_r.")
     lora_dropout: float = _f(0.05, "Dropout on the input of the LoRA adapters (training only).")

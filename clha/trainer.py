@@ -383,7 +383,8 @@ class Trainer:
             self.peft_model = apply_lora(model, cfg)
             model = self.peft_model.get_base_model()  # the same modules, adapters injected, base frozen
         self.collator = RankedCollator(self.tokenizer, cfg.block_size, cfg.training_stage_num,
-                                       layout=cfg.candidate_layout, model=model, max_row_tokens=cfg.max_row_tokens)
+                                       layout=cfg.candidate_layout, model=model, max_row_tokens=cfg.max_row_tokens,
+                                       append_eos=cfg.append_eos)
         self.world = acc.num_processes
         self.steps_per_epoch = steps_per_epoch(len(self.train_examples), cfg.per_device_train_batch_size,
                                                self.world, cfg.gradient_accumulation_steps) if self.train_examples else 0

@@ -118,13 +118,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   "max_train_steps": 150, "num_train_epochs": 1, "train_examples_per_run": "auto",
                   "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
                   "torch_dtype": "float32", "validation_every": 50, "validation_prompts": 32,
-                  "validation_max_new_tokens": 64, "validation_batch_size": 32},
+                  "validation_max_new_tokens": 64, "validation_batch_size": 32, "append_eos": True},
         "eval": {"test_prompts_per_subset": 100, "max_new_tokens": 128, "num_processes": 2, "gen_batch_size": 28,
                  "reward_batch_size": 16, "block_size": 512, "reward_max_length": 1024, "dtype": "float32"},
         "seeds": [1, 2, 3],
         "ablation_seeds": [1, 2],
         "methods": _methods(2e-5),
-        "sweep": {"learning_rates": [1e-5, 2e-5, 5e-5], "taus": [0.1, 0.2, 0.3], "dev_prompts": 96,
+        "sweep": {"tune": True, "learning_rates": [5e-6, 2e-5, 5e-5], "taus": [0.1, 0.2, 0.3], "dev_prompts": 96,
                   "max_new_tokens": 64, "seed": 1},
         "paths": {"shared_data": "../shared/data", "reward_models_dir": "resources/reward_models"},
         "runtime": {"unset_omp_num_threads": True, "keep_checkpoints": "best"},
@@ -143,13 +143,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   "max_train_steps": None, "num_train_epochs": 2, "train_examples_per_run": None,
                   "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
                   "torch_dtype": "auto", "validation_every": 100, "validation_prompts": 280,
-                  "validation_max_new_tokens": 128, "validation_batch_size": 28},
+                  "validation_max_new_tokens": 128, "validation_batch_size": 28, "append_eos": True},
         "eval": {"test_prompts_per_subset": 0, "max_new_tokens": 128, "num_processes": "all", "gen_batch_size": 28,
                  "reward_batch_size": 64, "block_size": 512, "reward_max_length": 1024, "dtype": "auto"},
         "seeds": [1, 2, 3, 4, 5],
         "ablation_seeds": [1, 2, 3],
         "methods": _methods(5e-6),
-        "sweep": {"learning_rates": [2e-6, 5e-6, 1e-5, 2e-5], "taus": [0.1, 0.2, 0.3, 0.5], "dev_prompts": 280,
+        "sweep": {"tune": True, "learning_rates": [2e-6, 5e-6, 1e-5, 2e-5], "taus": [0.1, 0.2, 0.3, 0.5],
+                  "dev_prompts": 280,
                   "max_new_tokens": 128, "seed": 1},
         "paths": {"shared_data": "../shared/data", "reward_models_dir": "resources/reward_models"},
         "runtime": {"unset_omp_num_threads": False, "keep_checkpoints": "best"},
@@ -166,13 +167,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   "max_train_steps": 4, "num_train_epochs": 1, "train_examples_per_run": "auto",
                   "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
                   "torch_dtype": "float32", "validation_every": 2, "validation_prompts": 4,
-                  "validation_max_new_tokens": 8, "validation_batch_size": 4},
+                  "validation_max_new_tokens": 8, "validation_batch_size": 4, "append_eos": True},
         "eval": {"test_prompts_per_subset": 3, "max_new_tokens": 8, "num_processes": 2, "gen_batch_size": 8,
                  "reward_batch_size": 16, "block_size": 256, "reward_max_length": 256, "dtype": "float32"},
         "seeds": [1, 2],
         "ablation_seeds": [1],
         "methods": _methods(1e-3),
-        "sweep": {"learning_rates": [1e-4, 1e-3], "taus": [0.1], "dev_prompts": 4, "max_new_tokens": 8, "seed": 1},
+        "sweep": {"tune": False, "learning_rates": [1e-4, 1e-3], "taus": [0.1], "dev_prompts": 4, "max_new_tokens": 8,
+                  "seed": 1},
         "paths": {"shared_data": "../shared/data", "reward_models_dir": None},
         "runtime": {"unset_omp_num_threads": True, "keep_checkpoints": "best"},
     },
@@ -432,6 +434,9 @@ class Harness:
         self.env = _child_env(settings)
         self.fingerprints: Dict[str, str] = {}
         self.data_summary: Dict[str, Any] = {}
+        self.tuning: Dict[str, Dict[str, Any]] = {}     # method -> settings chosen on dev (apply_tuning)
+        # the methods' settings before tuning: what the sweep starts from (apply_tuning changes settings["methods"])
+        self.preset_methods = copy.deepcopy(settings["methods"])
 
     # ------------------------------------------------------------------------------------------ paths
     def _repo_path(self, value: str) -> Path:
@@ -713,6 +718,7 @@ class Harness:
                "--lr_scheduler_type", t["lr_scheduler_type"], "--warmup_steps", str(t["warmup_steps"]),
                "--max_grad_norm", str(t["max_grad_norm"]), "--weight_decay", str(t["weight_decay"]),
                "--torch_dtype", t["torch_dtype"], "--no-save_epoch_checkpoints",
+               "--append_eos" if t.get("append_eos", False) else "--no-append_eos",
                "--resume_from_checkpoint", "latest"]
         if t["max_train_steps"]:
             cmd += ["--max_train_steps", str(t["max_train_steps"])]
@@ -787,6 +793,7 @@ class Harness:
             "evaluated_model": ("the untrained policy" if method == BASE else
                                 os.path.relpath(model_path, self.ckpt_root)),
             "data_summary": self.data_summary,
+            "tuning": self.tuning.get(method),
             "training": training,
             "evaluation": {"wall_s": round(eval_wall_s, 1), "num_prompts": len(rows),
                            "eval_reward_model": report.get("eval_reward_model"),
@@ -807,33 +814,93 @@ class Harness:
                 shutil.rmtree(child, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------ sweep
+    def tuned_from(self, method: str) -> str:
+        """The method whose sweep sets this one's learning rate (and tau): itself, or CLHA for its ablations."""
+        return "clha" if method in ABLATIONS else method
+
     def sweep(self, methods: Sequence[str]) -> List[Dict[str, Any]]:
-        """Dev-only tuning: each (method, learning rate[, tau]) trained once, scored on dev prompts at the end."""
+        """Dev-only tuning of every trained method (ablations are tuned with CLHA): stage A trains each method once
+        per learning rate at its preset settings; stage B trains CLHA at the best stage-A learning rate with each
+        other tau. Every point is trained once (seed sweep.seed) and scored on the dev prompts at its last step.
+        Returns all records (the finished ones are read back, not retrained)."""
         sw = self.settings["sweep"]
-        records = []
+        tuned = []
         for method in methods:
-            m = self.settings["methods"][method]
-            if method == BASE:
-                continue
-            taus = sw["taus"] if m.get("loss_type") == "clha" and method != "clha_nomask" else [None]
-            for lr in sw["learning_rates"]:
-                for tau in taus:
-                    records.append(self.sweep_one(method, lr, tau, sw["seed"]))
+            t = self.tuned_from(method)
+            if method != BASE and t not in tuned:
+                tuned.append(t)
+        records = []
+        for method in tuned:
+            preset_tau = self.preset_methods[method].get("reward_gap_threshold")
+            stage_a = [self.sweep_one(method, lr, preset_tau, sw["seed"]) for lr in sw["learning_rates"]]
+            records += stage_a
+            if self.preset_methods[method].get("loss_type") == "clha":
+                best_lr = best_sweep_record(stage_a)["method_settings"]["learning_rate"]
+                records += [self.sweep_one(method, best_lr, tau, sw["seed"]) for tau in sw["taus"] if tau != preset_tau]
         return records
 
-    def sweep_one(self, method: str, lr: float, tau: Optional[float], seed: int) -> Dict[str, Any]:
-        sw, t = self.settings["sweep"], self.settings["train"]
+    def sweep_point_path(self, method: str, lr: float, tau: Optional[float], seed: int) -> Path:
         name = f"{method}_lr{lr:g}" + ("" if tau is None else f"_tau{tau:g}") + f"_s{seed}"
-        path = self.results / "sweep" / f"{name}.json"
-        tuned = {**method_settings(self.settings, method), "learning_rate": lr}
+        return self.results / "sweep" / f"{name}.json"
+
+    def apply_tuning(self, methods: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+        """Set each trained method's learning rate (and CLHA's tau) to the best of its finished sweep (ablations
+        take CLHA's). Returns {method: what was chosen, from which sweep runs}; a method whose sweep is not
+        finished is an error (run the command without --no-tune: it sweeps first)."""
+        sw = self.settings["sweep"]
+        chosen: Dict[str, Dict[str, Any]] = {}
+        for method in methods:
+            if method == BASE:
+                continue
+            source = self.tuned_from(method)
+            m = self.preset_methods[source]
+            preset_tau = m.get("reward_gap_threshold")
+            points = [(lr, preset_tau) for lr in sw["learning_rates"]]
+            records = [self._current_sweep_record(source, lr, tau) for lr, tau in points]
+            if any(r is None for r in records):
+                raise HarnessError(f"{method}: the dev sweep of {source} is not finished ({sum(r is None for r in records)}"
+                                   f" of {len(records)} learning rates missing); run this command without --no-tune "
+                                   f"or with --sweep first")
+            if m.get("loss_type") == "clha":
+                best_lr = best_sweep_record(records)["method_settings"]["learning_rate"]
+                more = [self._current_sweep_record(source, best_lr, tau) for tau in sw["taus"] if tau != preset_tau]
+                if any(r is None for r in more):
+                    raise HarnessError(f"{method}: the tau stage of the dev sweep of {source} is not finished")
+                records += more
+            best = best_sweep_record(records)
+            values = {k: best["method_settings"][k] for k in ("learning_rate", "reward_gap_threshold")
+                      if k in best["method_settings"]}
+            if method == "clha_nomask":
+                values.pop("reward_gap_threshold", None)     # the ablation keeps every pair whatever tau was chosen
+            self.settings["methods"][method] = {**self.preset_methods[method], **values}
+            chosen[method] = {"chosen": values, "from": source, "best_sweep_run": best["run"],
+                              "dev_reward": best["dev_reward_end"], "sweep_runs": len(records)}
+        return chosen
+
+    def _current_sweep_record(self, method: str, lr: float, tau: Optional[float]) -> Optional[Dict[str, Any]]:
+        sw = self.settings["sweep"]
+        record = read_json(self.sweep_point_path(method, lr, tau, sw["seed"]))
+        key = self.sweep_key(method, lr, tau, sw["seed"])
+        return record if result_matches(record, key) else None
+
+    def sweep_key(self, method: str, lr: float, tau: Optional[float], seed: int) -> Dict[str, Any]:
+        sw, t = self.settings["sweep"], self.settings["train"]
+        tuned = {**{k: v for k, v in self.preset_methods[method].items() if k != "description"},
+                 "learning_rate": lr}
         if tau is not None:
             tuned["reward_gap_threshold"] = tau
         overrides = {"validation_every": t["max_train_steps"] or 10 ** 9, "validation_prompts": sw["dev_prompts"],
                      "validation_max_new_tokens": sw["max_new_tokens"]}
-        key = {"format": SWEEP_FORMAT, "method": method, "seed": seed, "protocol": protocol(self.settings),
-               "sweep_overrides": overrides, "method_settings": tuned,
-               "reward_models": {k: self.fingerprints[k] for k in ("train_rm", "eval_rm")},
-               "policy_fingerprint": self.fingerprints["policy"], "data_fingerprint": self._data_fp}
+        return {"format": SWEEP_FORMAT, "method": method, "seed": seed, "protocol": protocol(self.settings),
+                "sweep_overrides": overrides, "method_settings": tuned,
+                "reward_models": {k: self.fingerprints[k] for k in ("train_rm", "eval_rm")},
+                "policy_fingerprint": self.fingerprints["policy"], "data_fingerprint": self._data_fp}
+
+    def sweep_one(self, method: str, lr: float, tau: Optional[float], seed: int) -> Dict[str, Any]:
+        path = self.sweep_point_path(method, lr, tau, seed)
+        name = path.stem
+        key = self.sweep_key(method, lr, tau, seed)
+        overrides, tuned = key["sweep_overrides"], key["method_settings"]
         stored = read_json(path)
         if result_matches(stored, key):
             logger.info("sweep %s: current, skipped", name)
@@ -866,6 +933,15 @@ class Harness:
             yield
         finally:
             handle.close()
+
+
+def best_sweep_record(records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The sweep point with the highest dev reward at its last step (the first of equals, in grid order)."""
+    scored = [r for r in records if isinstance(r.get("dev_reward_end"), (int, float))]
+    if not scored:
+        raise HarnessError("no sweep run has a dev reward (did validation run?): " +
+                           ", ".join(str(r.get("run")) for r in records))
+    return max(scored, key=lambda r: r["dev_reward_end"])    # max keeps the first of equal values
 
 
 def _build_atomically(folder: Path, build) -> None:
@@ -941,7 +1017,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="change one setting, e.g. methods.clha.learning_rate=1e-5 (repeatable)")
     p.add_argument("--only-aggregate", action="store_true", help="only rebuild the README table and chart")
-    p.add_argument("--sweep", action="store_true", help="dev-only sweep of learning rate (and tau for CLHA)")
+    p.add_argument("--sweep", action="store_true",
+                   help="only the dev sweep of learning rate (and tau for CLHA), then stop; without this flag the "
+                        "command sweeps first anyway when the preset tunes (sweep.tune) and uses what dev chose")
+    p.add_argument("--no-tune", action="store_true",
+                   help="use the preset's (and --set) learning rates and tau as given, no dev sweep")
     p.add_argument("--dry-run", action="store_true", help="print the settings and the runs' status, run nothing")
     p.add_argument("--keep-checkpoints", choices=("best", "all", "none"), default=None,
                    help="after a run is recorded keep its best checkpoint (default), all, or none")
@@ -968,20 +1048,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             aggregate.write_report(harness.results, expected=[run_name(m, s) for m, s in runs])
             return 0
         if args.dry_run:
-            return dry_run(harness, runs)
+            return dry_run(harness, runs, settings["sweep"]["tune"] and not args.no_tune)
         with harness.lock():
             harness.stage_installs()
             harness.stage_models()
             harness.stage_data()
-            if args.sweep:
+            tune = settings["sweep"]["tune"] and not args.no_tune
+            if args.sweep or tune:
                 records = harness.sweep([m for m in methods if m != BASE])
                 table = aggregate.sweep_table(records)
                 with atomic_write(harness.results / "sweep" / "README.md") as handle:
                     handle.write(f"# Dev-only sweep: {harness.experiment}\n\nTrain reward model's mean sigmoid on "
-                                 f"the first {settings['sweep']['dev_prompts']} dev prompts (no test data).\n\n"
-                                 + table + "\n")
+                                 f"the first {settings['sweep']['dev_prompts']} dev prompts (no test data), at the "
+                                 f"last of {settings['train']['max_train_steps']} steps; one seed "
+                                 f"({settings['sweep']['seed']}). Stage A: each learning rate at the method's preset "
+                                 f"settings; stage B (CLHA): each tau at stage A's best learning rate. The ablations "
+                                 f"use CLHA's choice.\n\n" + table + "\n")
                 print(table)
-                return 0
+                if args.sweep:
+                    return 0
+            if tune:
+                harness.tuning = harness.apply_tuning(methods)
+                for method, t in harness.tuning.items():
+                    logger.info("%s: tuned on dev: %s (best sweep run %s)", method, t["chosen"], t["best_sweep_run"])
             for i, (method, seed) in enumerate(runs, 1):
                 logger.info("=== run %d/%d: %s", i, len(runs), run_name(method, seed))
                 harness.run_one(method, seed)
@@ -992,7 +1081,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def dry_run(harness: Harness, runs: Sequence[Tuple[str, Optional[int]]]) -> int:
+def dry_run(harness: Harness, runs: Sequence[Tuple[str, Optional[int]]], tune: bool = False) -> int:
     """Print the settings and, when the models and data exist, which runs are done, stale or pending."""
     print(json.dumps(harness.settings, indent=2))
     checked = False
@@ -1002,6 +1091,12 @@ def dry_run(harness: Harness, runs: Sequence[Tuple[str, Optional[int]]]) -> int:
             harness.stage_models()   # builds nothing when the models exist; fingerprints them
             checked = all(p.is_file() for p in harness.data_files().values())
     print(f"\nexperiment {harness.experiment}: results in {harness.results}")
+    if checked and tune:
+        try:
+            for method, t in harness.apply_tuning([m for m, _ in runs]).items():
+                print(f"  {method:<16} tuned on dev: {t['chosen']} (best sweep run {t['best_sweep_run']})")
+        except HarnessError as err:
+            print(f"  dev sweep not finished ({err}); the runs below are checked against the preset settings")
     for method, seed in runs:
         exists = harness.result_path(method, seed).exists()
         if checked:

@@ -308,6 +308,63 @@ def test_ablation_settings_reach_the_trainer_and_disable_mask_and_gate(harness, 
     assert float(nogate.sft_loss) > 0 and float(full.sft_loss) == 0.0
 
 
+def test_dev_sweep_tunes_lr_then_clha_tau_and_the_runs_use_the_choice(harness):
+    """Stage A (learning rates at the preset tau), stage B (CLHA's other taus at the best rate), the ablations
+    inherit CLHA's choice, results record it, and a finished sweep is never retrained."""
+    s = harness.settings
+    s["sweep"].update({"learning_rates": [1e-4, 1e-3, 1e-2], "taus": [0.1, 0.2, 0.5]})
+    # dev reward at the last step, by (method, lr, tau): sft peaks at 1e-3; clha at 1e-4 in stage A, tau 0.5 in B
+    dev = {("sft", 1e-4, None): 0.40, ("sft", 1e-3, None): 0.47, ("sft", 1e-2, None): 0.30,
+           ("clha", 1e-4, 0.2): 0.52, ("clha", 1e-3, 0.2): 0.51, ("clha", 1e-2, 0.2): 0.20,
+           ("clha", 1e-4, 0.1): 0.50, ("clha", 1e-4, 0.5): 0.55}
+    trained = []
+
+    def train(method, seed, ckpt, logs, key, overrides=None, method_override=None):
+        ms = method_override or s["methods"][method]
+        point = (method, ms["learning_rate"], ms.get("reward_gap_threshold"))
+        trained.append(point)
+        assert overrides["validation_prompts"] == s["sweep"]["dev_prompts"] and seed == s["sweep"]["seed"]
+        return {"validation": [{"step": 0, "dev_reward": 0.45}, {"step": 4, "dev_reward": dev[point]}]}
+
+    harness.train = train
+    with pytest.raises(compare.HarnessError, match="dev sweep of sft is not finished"):
+        harness.apply_tuning(["sft"])
+    records = harness.sweep(["base", "sft", "clha_nomask", "clha_nogate"])
+    assert trained == [("sft", 1e-4, None), ("sft", 1e-3, None), ("sft", 1e-2, None),
+                       ("clha", 1e-4, 0.2), ("clha", 1e-3, 0.2), ("clha", 1e-2, 0.2),
+                       ("clha", 1e-4, 0.1), ("clha", 1e-4, 0.5)]          # tau stage at clha's best rate, 1e-4
+    assert len(records) == 8 and (harness.results / "sweep" / "clha_lr0.0001_tau0.5_s1.json").is_file()
+    assert harness.sweep(["sft", "clha"]) == records and len(trained) == 8   # finished points are read back
+
+    chosen = harness.apply_tuning(["base", "sft", "clha", "clha_nomask", "clha_nogate"])
+    assert set(chosen) == {"sft", "clha", "clha_nomask", "clha_nogate"}
+    assert s["methods"]["sft"]["learning_rate"] == 1e-3 and chosen["sft"]["dev_reward"] == 0.47
+    assert s["methods"]["clha"]["learning_rate"] == 1e-4 and s["methods"]["clha"]["reward_gap_threshold"] == 0.5
+    assert s["methods"]["clha_nogate"]["learning_rate"] == 1e-4
+    assert s["methods"]["clha_nogate"]["reward_gap_threshold"] == 0.5
+    assert s["methods"]["clha_nogate"]["sft_reward_threshold"] == "-inf"     # the ablation itself is kept
+    assert s["methods"]["clha_nomask"]["reward_gap_threshold"] == -1.0 and chosen["clha_nomask"]["from"] == "clha"
+    assert chosen["clha"]["best_sweep_run"] == "clha_lr0.0001_tau0.5_s1" and chosen["clha"]["sweep_runs"] == 5
+
+    # the runs carry the tuned settings, in their key and in the trainer's flags
+    calls = []
+    fake_stages(harness, calls)
+    harness.tuning = chosen
+    assert harness.run_key("clha", 1)["method_settings"]["reward_gap_threshold"] == 0.5
+    harness.train_subset = lambda seed: Path("train.json")
+    harness.policy_location = lambda: (Path("policy"), None)
+    cmd = harness.train_command("sft", 1, Path("ckpt"), Path("logs"))
+    assert "--learning_rate=0.001" in cmd and "--append_eos" in cmd
+
+
+def test_the_best_sweep_point_is_the_highest_dev_reward_first_of_equals():
+    rec = [{"run": "a", "dev_reward_end": 0.5}, {"run": "b", "dev_reward_end": None},
+           {"run": "c", "dev_reward_end": 0.6}, {"run": "d", "dev_reward_end": 0.6}]
+    assert compare.best_sweep_record(rec)["run"] == "c"
+    with pytest.raises(compare.HarnessError, match="no sweep run has a dev reward"):
+        compare.best_sweep_record([{"run": "b", "dev_reward_end": None}])
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("CLHA_COMPARISON_E2E"),

@@ -301,3 +301,55 @@ def test_max_row_tokens_zero_packs_the_whole_batch_in_one_unpadded_row(tok):
     assert torch.allclose(got.mean_logps, want.mean_logps, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="max_row_tokens"):
         RankedCollator(tok, BLOCK, 2, max_row_tokens=-1)
+
+
+def _reference_scores_with_eos(model, tok, examples, n):
+    """Per-candidate passes over prompt + " " + response + EOS, the response cut to fit BLOCK (no EOS then)."""
+    sums, counts = [], []
+    for ex in examples:
+        for k in range(n):
+            pair = encode_pair(tok, render_prompt(ex.prefix[k]), ex.suffix[k], BLOCK)
+            ids = pair.input_ids + ([tok.eos_token_id] if len(pair.input_ids) < BLOCK else [])
+            logits = model(torch.tensor([ids])).logits[0]
+            logp = F.log_softmax(logits.float(), dim=-1)
+            P = len(pair.prompt_ids)
+            token_logps = logp[P - 1:-1].gather(1, torch.tensor(ids[P:])[:, None])[:, 0]
+            sums.append(token_logps.sum())
+            counts.append(token_logps.numel())
+    sums = torch.stack(sums).view(len(examples), n)
+    counts = torch.tensor(counts).view(len(examples), n)
+    return CandidateScores(sums, sums / counts, counts)
+
+
+@pytest.mark.parametrize("layout,pack", LAYOUTS)
+def test_append_eos_scores_the_eos_token_after_each_response(tok, layout, pack):
+    model = _llama(tok, "sdpa")
+    examples = _examples(2)
+    plain = RankedCollator(tok, BLOCK, 2, layout=layout, pack=pack)(examples)
+    batch = RankedCollator(tok, BLOCK, 2, layout=layout, pack=pack, append_eos=True)(examples)
+    got = score_candidates(model, batch)
+    want = _reference_scores_with_eos(model, tok, examples, 2)
+    # one more scored token per response, and it is the EOS token
+    assert torch.equal(got.token_counts, score_candidates(model, plain).token_counts + 1)
+    assert torch.equal(got.token_counts, want.token_counts)
+    assert torch.allclose(got.sum_logps, want.sum_logps, atol=1e-4, rtol=0)
+    assert torch.allclose(got.mean_logps, want.mean_logps, atol=1e-5, rtol=0)
+
+
+def test_append_eos_is_dropped_from_a_response_cut_to_fit(tok):
+    from clha.collate import encode_example
+    long_reply = "word " * 400          # far longer than BLOCK: cut, so it did not end here
+    ex = RankedExample([[PROMPTER + "Hi", ASSISTANT]] * 2, [long_reply, "Short."], [1.0, 0.0], 0, {})
+    enc = encode_example(tok, ex, BLOCK, 2, eos_id=tok.eos_token_id)
+    assert len(enc.prompts[0]) + len(enc.responses[0]) == BLOCK
+    assert enc.responses[0][-1] != tok.eos_token_id
+    assert enc.responses[1][-1] == tok.eos_token_id
+    assert enc.responses[1][:-1] == encode_example(tok, ex, BLOCK, 2).responses[1]
+
+
+def test_append_eos_needs_an_eos_token(tok):
+    class NoEos:
+        eos_token_id = None
+        pad_token_id = 0
+    with pytest.raises(ValueError, match="no eos_token_id"):
+        RankedCollator(NoEos(), BLOCK, 2, append_eos=True)

@@ -54,6 +54,7 @@ def test_seed_arguments_parse_with_their_meaning():
     assert cfg.do_train and cfg.do_validation and cfg.gradient_accumulation_steps == 8
     assert cfg.learning_rate == 5e-6 and cfg.loss_type == "clha" and cfg.max_train_steps == 10
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert cfg.append_eos and parse_config(["--model_name_or_path", "m", "--no-append_eos"]).append_eos is False
 
 
 def test_validation_without_reward_model_is_refused():
@@ -171,6 +172,20 @@ def test_training_lowers_loss_and_writes_checkpoints(tmp_path, tiny_lm_dir):
         assert (ck / "tokenizer_config.json").exists()
     assert json.loads((tmp_path / "o" / "clha_config.json").read_text())["loss_type"] == "clha"
     assert list((tmp_path / "l" / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("append_eos", [True, False])
+def test_trainer_batches_end_responses_with_eos_unless_told_not_to(tmp_path, tiny_lm_dir, append_eos):
+    from clha.trainer import Trainer
+
+    data = _write_data(tmp_path, num=4)
+    extra = ["--gradient_accumulation_steps", "1"] + ([] if append_eos else ["--no-append_eos"])
+    trainer = Trainer(parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 1, extra)))
+    trainer.setup()
+    examples = trainer.train_examples[:2]
+    ends = [r[-1] for e in trainer.collator.encode(examples) for r in e.responses]
+    eos = trainer.tokenizer.eos_token_id
+    assert eos is not None and all((t == eos) == append_eos for t in ends)
 
 
 def test_validation_keeps_best_checkpoint(tmp_path, tiny_lm_dir):

@@ -3,7 +3,9 @@
 Rules (docs/method.md): the prompt is cut from the LEFT (the latest turns are kept) to
 `block_size - 128` tokens; prompt + response is cut from the RIGHT to `block_size` tokens. The model
 input is prompt + " " + response; the prompt and " " + response are tokenised separately so that the
-prompt/response boundary is exact.
+prompt/response boundary is exact. Training appends the end-of-sequence token to each response (`eos_id`), so
+that the policy learns to stop where the human reply stopped; a response cut to fit `block_size` keeps no EOS
+(it did not end there).
 """
 
 from __future__ import annotations
@@ -55,10 +57,10 @@ class EncodedPair:
 
 
 def encode_pair(tokenizer, prompt: str, response: str, block_size: int,
-                prompt_ids: Optional[List[int]] = None) -> EncodedPair:
-    """Encode prompt + response, cutting the response so the total fits in block_size."""
+                prompt_ids: Optional[List[int]] = None, eos_id: Optional[int] = None) -> EncodedPair:
+    """Encode prompt + response (+ `eos_id` when given), cutting the response so the total fits in block_size."""
     if prompt_ids is None:
         prompt_ids = encode_prompt(tokenizer, prompt, block_size)
-    response_ids = encode_response(tokenizer, response)
+    response_ids = encode_response(tokenizer, response) + ([eos_id] if eos_id is not None else [])
     room = block_size - len(prompt_ids)
     return EncodedPair(prompt_ids=prompt_ids, response_ids=response_ids[:room])
