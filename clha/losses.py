@@ -32,7 +32,7 @@ from torch import Tensor
 
 __all__ = [
     "LossOutput", "clha_loss", "sft_loss", "pro_loss", "rrhf_loss", "dpo_loss", "compute_loss",
-    "LOSS_REGISTRY", "LOSS_TYPES",
+    "LOSS_REGISTRY", "LOSS_TYPES", "LOSS_DEFAULTS",
 ]
 
 
@@ -308,6 +308,23 @@ def _hyperparameters(fn) -> set:
 
 
 _ALL_HYPERPARAMETERS = set().union(*(_hyperparameters(fn) for _, fn in LOSS_REGISTRY.values()))
+
+
+def _defaults() -> Dict[str, Any]:
+    """Default of every loss hyperparameter, read from the loss functions' signatures: the one place the defaults
+    are written (`clha.config.TrainConfig` takes its loss defaults from here). A keyword that two losses share
+    must have the same default."""
+    out: Dict[str, Any] = {}
+    for _, fn in LOSS_REGISTRY.values():
+        for name, p in inspect.signature(fn).parameters.items():
+            if name in _DATA_ARGS or p.default is inspect.Parameter.empty:
+                continue
+            if out.setdefault(name, p.default) != p.default:
+                raise AssertionError(f"loss hyperparameter {name!r} has two defaults: {out[name]} and {p.default}")
+    return out
+
+
+LOSS_DEFAULTS: Dict[str, Any] = _defaults()
 
 
 def compute_loss(loss_type: str, scores: Any, rewards: Tensor, sft_index: Tensor,

@@ -4,12 +4,9 @@
     python eval_hh/compare.py eval_hh/inference_res/1_2 eval_hh/inference_res/2_2 [--out_dir DIR]
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from clha.evaluation import compare_main  # noqa: E402
+from clha.eval.compare import compare_main
 
 if __name__ == "__main__":
     sys.exit(compare_main())

@@ -13,25 +13,24 @@ if [ $# -lt 2 ]; then
 fi
 ID=$1; RANKING_LEN=$2; shift 2
 
-# ---- settings (edit here) ----
+# ---- settings ----
+# Every option of eval_hh/evaluate.py is a field of EvalConfig (clha/eval/config.py; `python eval_hh/evaluate.py
+# --help` lists them with their defaults). The optional variables below pass an option only when they are set, so
+# each default is written once, in the config.
 MODEL_PATH=${MODEL_PATH:-checkpoints/index_${ID}/stage_${RANKING_LEN}/best_checkpoint}   # any model folder or hub id
-GGUF_FILE=${GGUF_FILE:-}                     # a .gguf file inside MODEL_PATH, if that is what it holds
-TEST_DIR=${TEST_DIR:-data/hh_test}
-SUBSETS=${SUBSETS:-harmless_base helpful_base helpful_online helpful_rejection}
-EVAL_REWARD_MODEL=${EVAL_REWARD_MODEL:-OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1}
-TRAIN_REWARD_MODEL=${TRAIN_REWARD_MODEL:-}   # default: reward_model in MODEL_PATH/clha_config.json
-NUM_PROCESSES=${NUM_PROCESSES:-auto}         # auto: one per GPU, else 1; on a CPU set e.g. 2
-GEN_BATCH_SIZE=${GEN_BATCH_SIZE:-28}                 # as the reference; batches are length-sorted
-REWARD_BATCH_SIZE=${REWARD_BATCH_SIZE:-16}
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
-BLOCK_SIZE=${BLOCK_SIZE:-512}
-REWARD_MAX_LENGTH=${REWARD_MAX_LENGTH:-1024}
-DTYPE=${DTYPE:-auto}                         # auto: bf16 on CUDA, fp32 on CPU
-LIMIT=${LIMIT:-0}                            # first N examples per subset (0: all)
 OUT_DIR=${OUT_DIR:-eval_hh/inference_res/${ID}_${RANKING_LEN}}
+NUM_PROCESSES=${NUM_PROCESSES:-auto}         # auto: one per GPU, else 1; on a CPU set e.g. 2
 MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-}     # set when several evaluations share a machine
 PYTHON=${PYTHON:-python}                     # the environment's python (with torch) and its accelerate
 ACCELERATE=${ACCELERATE:-accelerate}
+# Optional settings, VARIABLE=option (unset: the config's default), e.g. LIMIT=10 DTYPE=float32 ...
+OPTIONAL_SETTINGS=(
+  TEST_DIR=test_dir EVAL_REWARD_MODEL=eval_reward_model TRAIN_REWARD_MODEL=train_reward_model
+  GGUF_FILE=gguf_file GEN_BATCH_SIZE=gen_batch_size REWARD_BATCH_SIZE=reward_batch_size
+  MAX_NEW_TOKENS=max_new_tokens BLOCK_SIZE=block_size REWARD_MAX_LENGTH=reward_max_length DTYPE=torch_dtype
+  LIMIT=limit
+)
+SUBSETS=${SUBSETS:-}                         # space-separated test-file stems (default: all four)
 
 NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 [ "$NUM_PROCESSES" = auto ] && NUM_PROCESSES=$(( NUM_GPUS > 0 ? NUM_GPUS : 1 ))
@@ -41,12 +40,12 @@ if [ "$NUM_PROCESSES" -gt 1 ]; then
   [ "$NUM_GPUS" -eq 0 ] && export ACCELERATE_USE_CPU=true   # DDP over gloo on the CPU
 fi
 [ -n "$MAIN_PROCESS_PORT" ] && LAUNCH+=(--main_process_port "$MAIN_PROCESS_PORT")
-ARGS=(--model_path "$MODEL_PATH" --test_dir "$TEST_DIR" --out_dir "$OUT_DIR" --subsets $SUBSETS
-      --eval_reward_model "$EVAL_REWARD_MODEL" --gen_batch_size "$GEN_BATCH_SIZE"
-      --reward_batch_size "$REWARD_BATCH_SIZE" --max_new_tokens "$MAX_NEW_TOKENS" --block_size "$BLOCK_SIZE"
-      --reward_max_length "$REWARD_MAX_LENGTH" --dtype "$DTYPE" --limit "$LIMIT" --name "${ID}_${RANKING_LEN}")
-[ -n "$TRAIN_REWARD_MODEL" ] && ARGS+=(--train_reward_model "$TRAIN_REWARD_MODEL")
-[ -n "$GGUF_FILE" ] && ARGS+=(--gguf_file "$GGUF_FILE")
+ARGS=(--model_path "$MODEL_PATH" --out_dir "$OUT_DIR" --name "${ID}_${RANKING_LEN}")
+for SETTING in "${OPTIONAL_SETTINGS[@]}"; do
+  VAR=${SETTING%%=*}
+  if [ -n "${!VAR:-}" ]; then ARGS+=("--${SETTING#*=}" "${!VAR}"); fi
+done
+if [ -n "$SUBSETS" ]; then ARGS+=(--subsets $SUBSETS); fi
 
 mkdir -p "$OUT_DIR"
 for STAGE in generate reward score; do

@@ -124,7 +124,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "seeds": [1, 2, 3],
         "ablation_seeds": [1, 2],
         "methods": _methods(2e-5),
-        "sweep": {"tune": True, "learning_rates": [5e-6, 2e-5, 5e-5], "taus": [0.1, 0.2, 0.3], "dev_prompts": 96,
+        "sweep": {"tune": True, "learning_rates": [5e-6, 2e-5, 5e-5, 1e-4], "taus": [0.1, 0.2, 0.3], "dev_prompts": 96,
                   "max_new_tokens": 64, "seed": 1},
         "paths": {"shared_data": "../shared/data", "reward_models_dir": "resources/reward_models"},
         "runtime": {"unset_omp_num_threads": True, "keep_checkpoints": "best"},
@@ -158,7 +158,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # Tiny models built from configs and a sample of the raw files: checks the whole harness in a few minutes.
     "tiny": {
         "experiment": "tiny",
-        "policy": {"source": "tiny", "name": "tiny Llama (clha.tiny, seed 0)"},
+        "policy": {"source": "tiny", "name": "tiny Llama (clha.testing.tiny, seed 0)"},
         "reward_models": {"source": "tiny"},
         "data": {"raw_lines_per_subset": 60, "partition": True, "dev_size": 16, "seed": 42,
                  "reward_source": "train_rm", "reward_batch_size": 16, "reward_max_length": 256},
@@ -499,8 +499,8 @@ class Harness:
         source = self.settings["reward_models"]["source"]
         train_rm, eval_rm = self.reward_model_path("train_rm"), self.reward_model_path("eval_rm")
         if source == "tiny":
-            from clha.tiny import save_tiny_causal_lm
-            from clha.tiny_reward import save_tiny_seqcls_reward_model
+            from clha.testing.tiny import save_tiny_causal_lm
+            from clha.testing.tiny_reward import save_tiny_seqcls_reward_model
 
             for folder, build in ((train_rm, lambda d: save_tiny_seqcls_reward_model(d, seed=1, arch="bert")),
                                   (eval_rm, lambda d: save_tiny_seqcls_reward_model(d, seed=2, arch="bert")),

@@ -57,7 +57,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory) -> str:
     """A tiny Llama causal LM + byte-level BPE tokenizer saved as a Hugging Face folder."""
-    from clha.tiny import save_tiny_causal_lm
+    from clha.testing.tiny import save_tiny_causal_lm
 
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm"), seed=0)
 

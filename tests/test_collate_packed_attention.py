@@ -24,7 +24,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.fixture(scope="module")
 def tok():
-    from clha.tiny import build_tokenizer
+    from clha.testing.tiny import build_tokenizer
     return build_tokenizer()
 
 
@@ -51,7 +51,7 @@ def _examples(n, count=3):
 def _model(tok, family, attn="sdpa", layers=2, dtype=torch.float32):
     torch.manual_seed(0)
     if family == "llama":
-        from clha.tiny import build_causal_lm
+        from clha.testing.tiny import build_causal_lm
         model = build_causal_lm(tok, seed=0, hidden_size=64, layers=layers, heads=4)
     elif family == "gpt_neox":
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM

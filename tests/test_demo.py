@@ -7,7 +7,7 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_raises_dev_reward(tmp_path):
-    from clha.demo import run
+    from clha.testing.demo import run
 
     result = run(str(tmp_path / "demo"), seed=42, quick=True)
     assert result["after"] > result["before"] + 0.3, result

@@ -61,7 +61,7 @@ def test_zero3_two_processes_save_gathered_weights_and_validate(tmp_path, tiny_l
     pytest.importorskip("deepspeed")
     from safetensors.torch import load_file
 
-    from clha.tiny_reward import save_tiny_seqcls_reward_model
+    from clha.testing.tiny_reward import save_tiny_seqcls_reward_model
 
     data, dev = tmp_path / "train.json", tmp_path / "dev" / "dev.json"
     write_ranked(data, make_ranked_rows(16, seed=4))

@@ -1,4 +1,4 @@
-"""HH-RLHF evaluation (clha/evaluation.py, eval_hh/): BLEU, sharding/merging/resume, reports, bad inputs.
+"""HH-RLHF evaluation (clha/eval/, eval_hh/): BLEU, sharding/merging/resume, reports, bad inputs.
 
 One end-to-end run of eval_hh/run_infer_main_dist.sh with 2 CPU processes (tiny policy, tiny reward models, a few
 examples per subset); the resume, force and bad-input checks then run the stages in this process, standing in for
@@ -21,10 +21,13 @@ import torch
 
 from clha.data.format import write_ranked
 from clha.errors import InputError
-from clha.evaluation import (METRICS, SUBSETS, EvalConfig, ShardError, char_bleu, check_reward_models, compare_main,
-                             compare_runs, main, merge_shards, render_markdown, run_generate, run_reward, run_score,
-                             same_reward_model, sentence_bleu, shard_path, sigmoid, word_bleu,
-                             word_tokens)
+from clha.eval.bleu import char_bleu, sentence_bleu, sigmoid, word_bleu, word_tokens
+from clha.eval.compare import compare_main, compare_runs
+from clha.eval.config import SUBSETS, EvalConfig
+from clha.eval.inputs import check_reward_models, same_reward_model
+from clha.eval.report import METRICS, render_markdown
+from clha.eval.shards import ShardError, merge_shards, shard_path
+from clha.eval.stages import main, run_generate, run_reward, run_score
 from tests.conftest import REPO, make_ranked_rows
 
 SIZES = {"harmless_base": 5, "helpful_base": 4, "helpful_online": 3, "helpful_rejection": 5}
@@ -60,8 +63,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny policy whose greedy outputs vary by prompt, two different tiny reward models, four test files."""
-    from clha.tiny import build_causal_lm, build_tokenizer
-    from clha.tiny_reward import save_tiny_seqcls_reward_model
+    from clha.testing.tiny import build_causal_lm, build_tokenizer
+    from clha.testing.tiny_reward import save_tiny_seqcls_reward_model
 
     root = tmp_path_factory.mktemp("eval_assets")
     tokenizer = build_tokenizer()
@@ -205,9 +208,9 @@ def test_reports_agree_with_examples(full_run, assets):
 def test_sharded_results_match_a_single_process(full_run, assets):
     """Generation and reward numbers of the 2-process run equal plain single-process calls."""
     from clha.data.format import read_ranked
-    from clha.evaluation import load_policy
+    from clha.eval.inputs import load_policy
     from clha.generation import generate_responses
-    from clha.reward import load_reward_model
+    from clha.rm.scoring import load_reward_model
 
     out, _ = full_run
     rows = [r for r in _read_jsonl(out / "examples.jsonl") if r["subset"] == "harmless_base"]
@@ -260,7 +263,8 @@ def test_stale_and_forced_shards_are_redone(full_run, assets, tmp_path):
 def test_resolved_dtype_and_device_are_recorded_and_never_mixed(full_run, assets, tmp_path, monkeypatch):
     """Fingerprints and reports hold the dtype a stage really ran in, not "auto": on the CPU "auto" is float32, so
     float32 shards are reused; a bfloat16 run regenerates them, and so would "auto" on a bf16-capable GPU."""
-    from clha.evaluation import generation_fingerprint, load_subset, resolved_precision
+    from clha.eval.inputs import load_subset, resolved_precision
+    from clha.eval.stages import generation_fingerprint
 
     out = _copy_run(full_run[0], tmp_path)
     report = json.loads((out / "report.json").read_text())
@@ -291,7 +295,8 @@ def test_resolved_dtype_and_device_are_recorded_and_never_mixed(full_run, assets
 
 
 def test_merge_fails_loudly_on_missing_or_duplicate_examples(full_run, assets, tmp_path):
-    from clha.evaluation import generation_fingerprint, load_subset
+    from clha.eval.inputs import load_subset
+    from clha.eval.stages import generation_fingerprint
 
     out = _copy_run(full_run[0], tmp_path)
     examples = load_subset(assets["test_dir"], "harmless_base")
@@ -373,7 +378,7 @@ def test_same_reward_model_is_refused_unless_allowed(assets, tmp_path, capsys):
     cfg = _cfg(assets, tmp_path / "out", eval_reward_model=assets["rm_train"], allow_same_reward_model=True)
     models = check_reward_models(cfg)
     assert models.same and models.train == assets["rm_train"]
-    from clha.evaluation import build_report
+    from clha.eval.report import build_report
 
     rows = [{"subset": "harmless_base", **{k: 1.0 for k, _, _ in METRICS}}]
     report = build_report(_cfg(assets, tmp_path, subsets=["harmless_base"], eval_reward_model=assets["rm_train"],
@@ -446,7 +451,7 @@ def test_single_process_launch_needs_no_process_group(tmp_path):
     if not launcher.exists():
         pytest.skip("accelerate launcher not installed")
     script = tmp_path / "one.py"
-    script.write_text("import torch\nfrom clha.evaluation import make_accelerator\nacc = make_accelerator()\n"
+    script.write_text("import torch\nfrom clha.loading import make_accelerator\nacc = make_accelerator()\n"
                       "acc.wait_for_everyone()\n"
                       "print('gathered', acc.gather(torch.tensor([2.0])).tolist(), acc.num_processes)\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
@@ -462,7 +467,8 @@ def test_reward_is_sigmoid_x100_against_hand_values():
     """Reward = 100 * sigmoid(eval RM logit), for negative logits too; values to 40 digits from
     1 / (1 + e^-x) in decimal arithmetic, written out here."""
     from clha.data.format import ASSISTANT, PROMPTER
-    from clha.evaluation import Example, example_row
+    from clha.eval.inputs import Example
+    from clha.eval.stages import example_row
 
     hand = {0.0: 0.5, 2.0: 0.8807970779778824, -2.0: 0.11920292202211756, -1.0: 0.2689414213699951,
             0.5: 0.6224593312018546, -0.5: 0.37754066879814546, -30.0: 9.357622968839299e-14}
@@ -480,7 +486,7 @@ def test_reward_is_sigmoid_x100_against_hand_values():
 
 # ================================================================================================ stale shards
 def test_complete_shard_with_an_old_fingerprint_is_not_current(tmp_path):
-    from clha.evaluation import shard_is_current, write_shard
+    from clha.eval.shards import shard_is_current, write_shard
 
     path = tmp_path / "helpful_base.rank0-of-2.json"
     rows = [{"index": i, "response": "r"} for i in (0, 2, 4)]

@@ -19,7 +19,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from clha.tiny import build_tokenizer
+    from clha.testing.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -27,7 +27,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model(tokenizer):
     """A tiny Llama whose weights are large enough that different prompts give different greedy outputs."""
-    from clha.tiny import build_causal_lm
+    from clha.testing.tiny import build_causal_lm
 
     return _spread_weights(build_causal_lm(tokenizer, seed=0), seed=1)
 
@@ -153,7 +153,7 @@ def test_max_new_tokens_is_respected(model, tokenizer, engine):
 
 
 def test_no_pad_token_uses_eos(model, tokenizer):
-    from clha.tiny import build_tokenizer
+    from clha.testing.tiny import build_tokenizer
 
     no_pad = build_tokenizer()
     no_pad.pad_token = None
@@ -190,7 +190,7 @@ def test_empty_and_bad_prompts(model, tokenizer):
 def test_stops_early_at_stop_string(tokenizer):
     """A tiny model over-fitted to one dialogue writes 'ok sure Human: ...': the response is cut and the batch
     stops a few tokens after the stop string instead of running to max_new_tokens."""
-    from clha.tiny import build_causal_lm
+    from clha.testing.tiny import build_causal_lm
 
     lm = build_causal_lm(tokenizer, seed=0)
     turns = [PROMPTER + "hi", ASSISTANT]

@@ -1,7 +1,7 @@
 """Loading a policy / reward backbone from a GGUF file.
 
 A module-scoped fixture builds a tiny Llama (hidden 64, 2 layers, 4 heads, 2 KV heads, intermediate 128, untied
-output head) and a byte-level BPE tokenizer (`clha.tiny.build_tokenizer`, 300 tokens), then writes both into ONE
+output head) and a byte-level BPE tokenizer (`clha.testing.tiny.build_tokenizer`, 300 tokens), then writes both into ONE
 GGUF file with the `gguf` package's `GGUFWriter`, the way llama.cpp's `convert_hf_to_gguf.py` does: llama.*
 hyper-parameters, a "gpt2" (byte-level BPE) tokenizer with tokens / token types / merges / eos / pad ids, f32
 tensors under the GGUF names (token_embd, blk.N.attn_q ..., output_norm, output) and the q/k projections permuted
@@ -9,12 +9,12 @@ as llama.cpp permutes them (transformers un-permutes on load). The folder holds 
 model, config and tokenizer below comes from the GGUF metadata and tensors.
 
 Covered:
-* `clha.trainer.gguf_load_kwargs` / `_drop_gguf_quantizer`: the kwargs ask transformers to de-quantize, and the
+* `clha.loading.gguf_load_kwargs` / `drop_gguf_quantizer`: the kwargs ask transformers to de-quantize, and the
   drop turns a model still carrying the GGUF quantizer (plain `gguf_file=` load) into one `save_pretrained` takes.
-* `clha.trainer.load_policy`: tokenizer ids and logits equal the source model's, no quantizer, saves and reloads
+* `clha.loading.load_policy`: tokenizer ids and logits equal the source model's, no quantizer, saves and reloads
   as an ordinary checkpoint with the same logits.
-* `clha.evaluation.load_policy` (config from the CLI parser): same logits, eval mode, no quantizer.
-* `clha.reward_training.load_backbone` -> `save_reward_model` -> `clha.reward.load_reward_model`: the backbone
+* `clha.eval.inputs.load_policy` (config from the CLI parser): same logits, eval mode, no quantizer.
+* `clha.rm.model.load_backbone` -> `save_reward_model` -> `clha.rm.scoring.load_reward_model`: the backbone
   holds the GGUF weights, and scores are finite and identical before and after the save.
 * a GGUF file name that is not in the folder: `InputError` naming it, from all three loaders.
 """
@@ -120,7 +120,7 @@ def gguf_source(tmp_path_factory):
     """(folder holding only the GGUF file, the HF model it was written from, the tokenizer, fixed input ids)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from clha.tiny import build_tokenizer
+    from clha.testing.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(vocab_size=300)
     # initializer_range 0.1 (not 0.02): logits of a few units, so a weight in the wrong place shows plainly
@@ -159,7 +159,7 @@ def _assert_plain_model(model):
 def test_gguf_load_kwargs_ask_for_a_dequantized_model():
     from transformers import GgufConfig
 
-    from clha.trainer import gguf_load_kwargs
+    from clha.loading import gguf_load_kwargs
 
     assert gguf_load_kwargs(None) == {}
     assert gguf_load_kwargs("") == {}
@@ -173,7 +173,7 @@ def test_drop_gguf_quantizer_makes_a_plain_gguf_load_serializable(gguf_source, t
     """A bare `gguf_file=` load keeps transformers' GGUF quantizer, which refuses to save; the drop removes it."""
     from transformers import AutoModelForCausalLM
 
-    from clha.trainer import _drop_gguf_quantizer
+    from clha.loading import drop_gguf_quantizer as _drop_gguf_quantizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf_source["dir"], gguf_file=GGUF_NAME, dtype=torch.float32)
     assert getattr(model, "hf_quantizer", None) is not None, "transformers no longer keeps the GGUF quantizer"
@@ -194,7 +194,7 @@ def test_drop_gguf_quantizer_makes_a_plain_gguf_load_serializable(gguf_source, t
 def test_trainer_load_policy_from_gguf_matches_source_and_saves(gguf_source, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from clha.trainer import load_policy, resolve_dtype
+    from clha.loading import load_policy, resolve_dtype
 
     model, tokenizer = load_policy(gguf_source["dir"], gguf_file=GGUF_NAME, dtype_name="auto")
     dtype = resolve_dtype("auto")   # float32 on a CPU-only machine
@@ -231,7 +231,8 @@ def test_trainer_load_policy_from_gguf_matches_source_and_saves(gguf_source, tmp
 # ------------------------------------------------------------------------------------------------ policy: evaluation
 
 def test_evaluation_load_policy_from_gguf(gguf_source, tmp_path):
-    from clha.evaluation import load_policy, parse_config
+    from clha.eval.config import parse_config
+    from clha.eval.inputs import load_policy
 
     stage, cfg = parse_config(["generate", "--model_path", gguf_source["dir"], "--out_dir", str(tmp_path / "eval"),
                                "--gguf_file", GGUF_NAME])
@@ -250,8 +251,9 @@ def test_evaluation_load_policy_from_gguf(gguf_source, tmp_path):
 
 def test_reward_backbone_from_gguf_saves_and_scores_the_same(gguf_source, tmp_path):
     from clha.data.format import ASSISTANT, PROMPTER
-    from clha.reward import HFRewardScorer, load_reward_model
-    from clha.reward_training import CONFIG_FILE, load_backbone, make_scorer, save_reward_model
+    from clha.rm.scoring import HFRewardScorer, load_reward_model
+    from clha.rm.config import CONFIG_FILE
+    from clha.rm.model import load_backbone, make_scorer, save_reward_model
 
     model, tokenizer = load_backbone(gguf_source["dir"], GGUF_NAME)
     assert type(model).__name__ == "LlamaForSequenceClassification"
@@ -289,19 +291,20 @@ def test_reward_backbone_from_gguf_saves_and_scores_the_same(gguf_source, tmp_pa
 # ------------------------------------------------------------------------------------------------ missing file
 
 def _trainer_load(folder, name):
-    from clha.trainer import load_policy
+    from clha.loading import load_policy
 
     return load_policy(folder, gguf_file=name, dtype_name="float32")
 
 
 def _evaluation_load(folder, name):
-    from clha.evaluation import EvalConfig, load_policy
+    from clha.eval.config import EvalConfig
+    from clha.eval.inputs import load_policy
 
     return load_policy(EvalConfig(model_path=folder, out_dir=folder, gguf_file=name), torch.device("cpu"))
 
 
 def _backbone_load(folder, name):
-    from clha.reward_training import load_backbone
+    from clha.rm.model import load_backbone
 
     return load_backbone(folder, name)
 

@@ -28,7 +28,8 @@ def _scores(model, collator, examples):
 def test_lora_trains_only_adapters_and_saves_a_merged_checkpoint(tmp_path, tiny_lm_dir, fresh_accelerate):
     from peft import PeftModel
 
-    from clha.trainer import Trainer, load_policy
+    from clha.loading import load_policy
+    from clha.training.trainer import Trainer
 
     data = _write_data(tmp_path, num=8)
     cfg = parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 3,
@@ -77,7 +78,8 @@ def test_lora_trains_only_adapters_and_saves_a_merged_checkpoint(tmp_path, tiny_
 
 
 def test_dpo_with_lora_scores_the_reference_with_adapters_off(tmp_path, tiny_lm_dir, fresh_accelerate):
-    from clha.trainer import Trainer, load_policy
+    from clha.loading import load_policy
+    from clha.training.trainer import Trainer
 
     data = _write_data(tmp_path, num=8)
     cfg = parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 2,
@@ -102,7 +104,7 @@ def test_dpo_with_lora_scores_the_reference_with_adapters_off(tmp_path, tiny_lm_
 
 
 def test_lora_resume_matches_uninterrupted_run(tmp_path, tiny_lm_dir, fresh_accelerate):
-    from clha.trainer import run_training
+    from clha.training.trainer import run_training
 
     data = _write_data(tmp_path, num=12)
     args = _args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 4, LORA + ["--lora_dropout", "0.2"])

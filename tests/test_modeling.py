@@ -14,12 +14,12 @@ BLOCK = 160          # prompt budget 32 tokens: the long prompt below is cut fro
 
 @pytest.fixture(scope="module")
 def tok():
-    from clha.tiny import build_tokenizer
+    from clha.testing.tiny import build_tokenizer
     return build_tokenizer()
 
 
 def _llama(tok, attn="sdpa", dtype=torch.float32, kv_heads=2):
-    from clha.tiny import build_causal_lm
+    from clha.testing.tiny import build_causal_lm
     model = build_causal_lm(tok, seed=0, hidden_size=64, layers=2, heads=4)
     if kv_heads != 4:        # grouped-query attention, as in SmolLM2 (9 heads, 3 kv heads)
         from transformers import AutoModelForCausalLM

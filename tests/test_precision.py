@@ -65,7 +65,8 @@ def test_token_logprobs_backward_in_bf16_matches_float64():
 
 # ------------------------------------------------------------------ float32 master weights
 def test_gpu_defaults_train_float32_weights_with_bf16_autocast(monkeypatch):
-    from clha.trainer import resolve_mixed_precision, training_dtype
+    from clha.loading import resolve_mixed_precision
+    from clha.training.trainer import training_dtype
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert resolve_mixed_precision("auto", cuda_bf16=True) == "bf16"       # a bf16-capable GPU
@@ -82,14 +83,14 @@ def test_gpu_defaults_train_float32_weights_with_bf16_autocast(monkeypatch):
 @pytest.mark.parametrize("dtype, deepspeed", [("bfloat16", None), ("float16", None), ("bfloat16", "no"),
                                               ("float16", "bf16")])
 def test_half_precision_weights_without_master_copy_are_refused(dtype, deepspeed):
-    from clha.trainer import training_dtype
+    from clha.training.trainer import training_dtype
 
     with pytest.raises(InputError, match=f"torch_dtype.*{dtype} weights cannot be trained without float32 master"):
         training_dtype(dtype, deepspeed_precision=deepspeed)
 
 
 def test_training_refuses_bf16_weights_before_loading(tmp_path, tiny_lm_dir):
-    from clha.trainer import run_training
+    from clha.training.trainer import run_training
 
     data = tmp_path / "train.json"
     write_ranked(data, make_ranked_rows(4))
@@ -103,7 +104,7 @@ def test_training_refuses_bf16_weights_before_loading(tmp_path, tiny_lm_dir):
 def _weights_after(tmp_path, tiny_lm_dir, name, extra, steps=4):
     from safetensors.torch import load_file
 
-    from clha.trainer import run_training
+    from clha.training.trainer import run_training
 
     data = tmp_path / "train.json"
     if not data.exists():
@@ -130,10 +131,11 @@ def test_bf16_training_changes_the_weights_as_float32_does(tmp_path, tiny_lm_dir
     weight update is within 15% (relative L2) of the float32 run's and changes every weight the float32 run
     changes (measured: 3.6% and 99.99%). bf16 weights updated by AdamW directly (what "auto" meant on a GPU
     before) miss that tolerance by far (measured: 97% error, 7% of the weights changed at all)."""
-    import clha.trainer
+    import clha.training.trainer
     from safetensors.torch import load_file
 
-    from clha.trainer import resolve_mixed_precision, training_dtype
+    from clha.loading import resolve_mixed_precision
+    from clha.training.trainer import training_dtype
 
     initial = {k: v.double() for k, v in load_file(str(Path(tiny_lm_dir) / "model.safetensors")).items()}
     reference = _weights_after(tmp_path, tiny_lm_dir, "fp32", ["--mixed_precision", "no"])
@@ -146,7 +148,7 @@ def test_bf16_training_changes_the_weights_as_float32_does(tmp_path, tiny_lm_dir
 
     # the old path: bf16 weights, AdamW straight on them, no autocast
     fresh_accelerate()
-    monkeypatch.setattr(clha.trainer, "training_dtype", lambda *a, **k: torch.bfloat16)
+    monkeypatch.setattr(clha.training.trainer, "training_dtype", lambda *a, **k: torch.bfloat16)
     old = _weights_after(tmp_path, tiny_lm_dir, "bf16_weights", ["--mixed_precision", "no"])
     rounded = {k: v.bfloat16().double() for k, v in initial.items()}
     error, changed = _update_error(rounded, old, {k: reference[k] - initial[k] + rounded[k] for k in reference})
@@ -190,7 +192,7 @@ def test_gpu_deepspeed_configs_accumulate_gradients_in_fp32(config, monkeypatch)
 def test_make_accelerator_sets_the_collective_timeout(monkeypatch):
     import accelerate
 
-    from clha.trainer import make_accelerator
+    from clha.loading import make_accelerator
 
     seen = {}
 
@@ -237,7 +239,7 @@ def _run_ranks(monkeypatch, dirs):
     """Run check_output_dir_shared on len(dirs) thread 'processes', rank r seeing output_dir as dirs[r]."""
     import accelerate.utils
 
-    from clha.trainer import check_output_dir_shared
+    from clha.training.state import check_output_dir_shared
 
     world = len(dirs)
     barrier, slots, shared = threading.Barrier(world), [None] * world, {}
@@ -310,7 +312,8 @@ def test_zero2_save_builds_no_full_state_dict(tmp_path, main):
     """Under ZeRO-2 every process holds the parameters: the saving process uses its own module, and no process
     copies the whole model into host memory (accelerate's get_state_dict did that on every process)."""
     from clha.config import TrainConfig
-    from clha.trainer import Position, Trainer
+    from clha.training.state import Position
+    from clha.training.trainer import Trainer
 
     acc, calls = _deepspeed_accelerator(stage=2, main=main)
     model = _FakeEngineModel()
@@ -325,7 +328,7 @@ def test_zero2_save_builds_no_full_state_dict(tmp_path, main):
 
 
 def test_zero3_save_gathers_on_every_process():
-    from clha.trainer import state_dict_for_save
+    from clha.training.state import state_dict_for_save
 
     for main in (True, False):
         acc, calls = _deepspeed_accelerator(stage=3, main=main)
@@ -350,10 +353,10 @@ def test_losses_never_read_a_device_value():
 def test_an_optimizer_step_reads_device_values_twice(tmp_path, tiny_lm_dir, monkeypatch):
     """Per optimizer step (3 micro-batches here) the trainer reads tensors on the host exactly twice: the
     non-finite check and the one read of all metrics (it used to be ~12 reads per micro-batch)."""
-    import clha.trainer
-    from clha.trainer import Trainer, run_training
+    import clha.training.trainer
+    from clha.training.trainer import Trainer, run_training
 
-    trainer_file = clha.trainer.__file__
+    trainer_file = clha.training.trainer.__file__
     active, reads, per_step = [False], [], []
 
     def counting(name):

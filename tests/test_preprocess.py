@@ -239,7 +239,7 @@ def test_skip_broken_counts_instead_of_stopping(tmp_path):
     assert manifest["totals"]["skipped_broken"] == 1 and manifest["totals"]["pairs"] == 2
 
 
-@pytest.mark.parametrize("kind", ["not_gzip", "truncated_gzip"])
+@pytest.mark.parametrize("kind", ["not_gzip", "truncated_gzip", "damaged_gzip"])
 def test_unreadable_gzip_raises_input_error(tmp_path, kind):
     raw = tmp_path / "raw"
     folder = raw / "helpful-online"
@@ -248,10 +248,17 @@ def test_unreadable_gzip_raises_input_error(tmp_path, kind):
     if kind == "not_gzip":
         path.write_bytes(b"this is not gzip data\n" * 10)
     else:
-        data = gzip.compress(("".join([GOOD] * 200)).encode())
-        path.write_bytes(data[: len(data) // 2])
+        lines = [json.dumps({"chosen": dialogue(f"H:question {i}", f"A:answer {i}"),
+                             "rejected": dialogue(f"H:question {i}", "A:no")}) + "\n" for i in range(400)]
+        data = bytearray(gzip.compress("".join(lines).encode()))
+        if kind == "truncated_gzip":
+            data = data[: len(data) // 2]
+        else:   # flipped bytes in the middle of the deflate stream: zlib.error while decompressing
+            mid = len(data) // 2
+            data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+        path.write_bytes(bytes(data))
     out = tmp_path / "out"
-    with pytest.raises(InputError, match="cannot read file") as info:
+    with pytest.raises(InputError, match="damaged or truncated gzip file" if kind != "not_gzip" else "gzip") as info:
         step1_process(raw, out)
     assert info.value.path == str(path)
     assert files_under(out) == []
@@ -514,7 +521,7 @@ def test_partition_fractions_are_checked():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# a real (tiny) reward model through clha.reward
+# a real (tiny) reward model through clha.rm.scoring
 # ---------------------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -532,7 +539,7 @@ def one_thread():
 def save_tiny_reward_model(path: Path) -> Path:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from clha.tiny import build_tokenizer
+    from clha.testing.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
@@ -547,7 +554,7 @@ def save_tiny_reward_model(path: Path) -> Path:
 
 def test_reward_model_scores_rows_without_stored_rewards(tmp_path):
     """With --allow_mixed_reward_sources (without it the model scores every row: test_reward_sources.py)."""
-    pytest.importorskip("clha.reward")
+    pytest.importorskip("clha.rm.scoring")
     model = save_tiny_reward_model(tmp_path / "rm")
     raw = small_raw_dir(tmp_path)
     pro = fake_precomputed(tmp_path, raw)

@@ -203,7 +203,7 @@ def test_default_partitions_of_the_four_test_files_are_disjoint(tmp_path):
 def test_all_three_steps_on_all_four_files(tmp_path):
     """Partitioned steps 1-3 on the four test files: stored rewards where they exist, a tiny reward model for
     helpful-rejection (no stored file). Also prints the wall time of the three steps."""
-    pytest.importorskip("clha.reward")
+    pytest.importorskip("clha.rm.scoring")
     from test_preprocess import one_thread, save_tiny_reward_model
 
     model = save_tiny_reward_model(tmp_path / "rm")

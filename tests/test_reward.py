@@ -1,4 +1,4 @@
-"""Reward-model scoring (clha/reward.py, clha/reward_neox.py) on tiny models of both backends."""
+"""Reward-model scoring (clha/rm/scoring.py, clha/rm/neox.py) on tiny models of both backends."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from clha.errors import InputError
-from clha.reward import (HFRewardScorer, OAsstRewardScorer, RewardScorer, format_hh_input, format_oasst_input,
-                         load_reward_model, resolve_dtype)
-from clha.reward_neox import GPTNeoXRewardModel, GPTNeoXRewardModelConfig, pool_hidden_states
-from clha.tiny_reward import (build_tiny_neox_reward_model, build_tiny_seqcls_reward_model,
+from clha.loading import resolve_dtype
+from clha.rm.scoring import (HFRewardScorer, OAsstRewardScorer, RewardScorer, format_hh_input, format_oasst_input,
+                             load_reward_model)
+from clha.rm.neox import GPTNeoXRewardModel, GPTNeoXRewardModelConfig, pool_hidden_states
+from clha.testing.tiny_reward import (build_tiny_neox_reward_model, build_tiny_seqcls_reward_model,
                               save_tiny_neox_reward_model, save_tiny_seqcls_reward_model)
 
 KINDS = ["llama", "llama_nopad", "bert", "neox"]

@@ -185,7 +185,7 @@ def test_agreement_figures():
 def test_reward_source_shares_and_trainer_log(tmp_path, caplog):
     from clha.config import parse_config
     from clha.errors import InputError
-    from clha.trainer import run_training
+    from clha.training.trainer import run_training
     from conftest import make_ranked_rows
 
     rows = make_ranked_rows(4)

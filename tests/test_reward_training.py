@@ -1,5 +1,5 @@
 """Reward-model training: losses and metrics against hand-computed values, data partitions, a short training run
-on a separable toy set with tiny models built from a config, save + reload through clha.reward.load_reward_model."""
+on a separable toy set with tiny models built from a config, save + reload through clha.rm.scoring.load_reward_model."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from clha.data.format import ASSISTANT, PROMPTER
-from clha.reward import load_reward_model
-from clha.reward_training import (
-    PreferenceExample, RewardTrainConfig, distillation_loss, epoch_batches, evaluate_scores, load_eval_examples,
-    load_training_examples, ordered_pair_mask, pairwise_accuracy, pairwise_loss, ranking_agreement,
-    read_ranked_examples, reward_training_loss, run_reward_training, spearman)
-from clha.tiny_reward import save_tiny_seqcls_reward_model
+from clha.rm.batches import epoch_batches
+from clha.rm.config import RewardTrainConfig
+from clha.rm.data import PreferenceExample, load_eval_examples, load_training_examples, read_ranked_examples
+from clha.rm.losses import distillation_loss, ordered_pair_mask, pairwise_loss, reward_training_loss
+from clha.rm.metrics import evaluate_scores, pairwise_accuracy, ranking_agreement, spearman
+from clha.rm.scoring import load_reward_model
+from clha.rm.trainer import run_reward_training
+from clha.testing.tiny_reward import save_tiny_seqcls_reward_model
 
 
 def _softplus(x: float) -> float:   # -log sigmoid(-x) = log(1 + e^x)

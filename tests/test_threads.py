@@ -105,7 +105,7 @@ def test_every_entry_point_sets_threads_first(entry, monkeypatch):
 
     monkeypatch.setattr(threads, "configure_threads", fake)
     module = _load_script(REPO / entry)
-    for mod in (module, sys.modules.get("clha.evaluation")):      # where it was imported by name
+    for mod in (module, sys.modules.get("clha.eval.stages")):      # where it was imported by name
         if mod is not None and hasattr(mod, "configure_threads"):
             monkeypatch.setattr(mod, "configure_threads", fake)
     with pytest.raises(SystemExit) as info:

@@ -98,14 +98,14 @@ def _weights(ckpt: Path):
 # CLHA_TEST_KILL_AT_STEP (before that step's checkpoint): the crash point is the same on every run and machine.
 _KILL_AT_STEP = """
 import os, runpy, signal, sys
-import clha.trainer
+import clha.training.trainer
 step = int(os.environ["CLHA_TEST_KILL_AT_STEP"])
-log = clha.trainer.Trainer._log_metrics
+log = clha.training.trainer.Trainer._log_metrics
 def log_then_die(self, metrics):
     log(self, metrics)
     if metrics["step"] == step:
         os.kill(os.getpid(), signal.SIGKILL)
-clha.trainer.Trainer._log_metrics = log_then_die
+clha.training.trainer.Trainer._log_metrics = log_then_die
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -153,7 +153,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_lm_dir):
 
 
 def test_training_lowers_loss_and_writes_checkpoints(tmp_path, tiny_lm_dir):
-    from clha.trainer import run_training
+    from clha.training.trainer import run_training
 
     data = _write_data(tmp_path, num=8)
     cfg = parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 12,
@@ -176,7 +176,7 @@ def test_training_lowers_loss_and_writes_checkpoints(tmp_path, tiny_lm_dir):
 
 @pytest.mark.parametrize("append_eos", [True, False])
 def test_trainer_batches_end_responses_with_eos_unless_told_not_to(tmp_path, tiny_lm_dir, append_eos):
-    from clha.trainer import Trainer
+    from clha.training.trainer import Trainer
 
     data = _write_data(tmp_path, num=4)
     extra = ["--gradient_accumulation_steps", "1"] + ([] if append_eos else ["--no-append_eos"])
@@ -189,8 +189,8 @@ def test_trainer_batches_end_responses_with_eos_unless_told_not_to(tmp_path, tin
 
 
 def test_validation_keeps_best_checkpoint(tmp_path, tiny_lm_dir):
-    from clha.tiny_reward import save_tiny_seqcls_reward_model
-    from clha.trainer import run_training
+    from clha.testing.tiny_reward import save_tiny_seqcls_reward_model
+    from clha.training.trainer import run_training
 
     data = _write_data(tmp_path, num=8)
     dev = tmp_path / "dev" / "dev.json"
@@ -214,7 +214,7 @@ def test_validation_keeps_best_checkpoint(tmp_path, tiny_lm_dir):
 
 @pytest.mark.parametrize("loss_type", ["sft", "pro", "rrhf", "dpo"])
 def test_baselines_train_in_the_same_trainer(tmp_path, tiny_lm_dir, loss_type):
-    from clha.trainer import run_training
+    from clha.training.trainer import run_training
 
     data = _write_data(tmp_path, num=6, n=3)
     cfg = parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 3,
@@ -228,7 +228,7 @@ def test_baselines_train_in_the_same_trainer(tmp_path, tiny_lm_dir, loss_type):
 
 def test_nonfinite_loss_stops_with_step_and_saves_nothing(tmp_path, tiny_lm_dir, monkeypatch):
     import clha.losses
-    from clha.trainer import NonFiniteLossError, run_training
+    from clha.training.trainer import NonFiniteLossError, run_training
 
     real = clha.losses.compute_loss
     calls = {"n": 0}
@@ -251,7 +251,7 @@ def test_nonfinite_loss_stops_with_step_and_saves_nothing(tmp_path, tiny_lm_dir,
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
-    from clha.trainer import run_training
+    from clha.training.trainer import run_training
 
     data = _write_data(tmp_path, num=2)
     cfg = parse_config(_args(str(tmp_path / "no_such_model"), data, tmp_path / "o", tmp_path / "l", 1))
@@ -260,7 +260,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 
 def test_bad_training_row_names_file_line_and_field(tmp_path, tiny_lm_dir):
-    from clha.trainer import run_training
+    from clha.training.trainer import run_training
 
     data = _write_data(tmp_path, num=3)
     lines = data.read_text().splitlines()
@@ -275,7 +275,7 @@ def test_bad_training_row_names_file_line_and_field(tmp_path, tiny_lm_dir):
 
 
 def test_fully_masked_batches_log_no_accuracy_and_train_only_sft(tmp_path, tiny_lm_dir):
-    from clha.trainer import run_training
+    from clha.training.trainer import run_training
 
     data = _write_data(tmp_path, num=6)
     cfg = parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 2,
@@ -306,7 +306,7 @@ def fresh_accelerate(monkeypatch):
 def test_dpo_reference_scores_only_the_run_steps_in_their_micro_batches(tmp_path, tiny_lm_dir, monkeypatch,
                                                                           fresh_accelerate, precision):
     import clha.modeling
-    from clha.trainer import run_training
+    from clha.training.trainer import run_training
 
     real = clha.modeling.score_candidates
     reference_batches = []
@@ -349,7 +349,8 @@ def test_dpo_reference_scores_only_the_run_steps_in_their_micro_batches(tmp_path
 
 
 def test_reference_plan_covers_later_epochs_and_skips_cached_examples():
-    from clha.trainer import Position, reference_plan
+    from clha.training.reference import reference_plan
+    from clha.training.state import Position
 
     # 6 examples, 2 per micro-batch, 1 process, no accumulation: 3 steps per epoch
     plan = reference_plan(6, Position(), 5, seed=0, per_device=2, world=1, grad_accum=1, scored=[False] * 6)
@@ -362,7 +363,7 @@ def test_reference_plan_covers_later_epochs_and_skips_cached_examples():
 
 # ---------------------------------------------------------------- resume with another shape
 def test_resume_with_other_accumulation_or_batch_is_refused(tmp_path, tiny_lm_dir):
-    from clha.trainer import run_training
+    from clha.training.trainer import run_training
 
     data = _write_data(tmp_path, num=8)
     base = _args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 1)
@@ -383,8 +384,8 @@ def test_validation_generates_with_sdpa_when_the_policy_trains_with_flex(tmp_pat
     """A flex-attention policy is switched to sdpa for KV-cache generation during validation, and back after."""
     import clha.generation
     from clha.modeling import _attention_implementation, set_attn_implementation
-    from clha.tiny_reward import save_tiny_seqcls_reward_model
-    from clha.trainer import Trainer
+    from clha.testing.tiny_reward import save_tiny_seqcls_reward_model
+    from clha.training.trainer import Trainer
 
     dev = tmp_path / "dev" / "dev.json"
     write_ranked(dev, make_ranked_rows(3, seed=9))
@@ -416,7 +417,7 @@ def test_step_metrics_are_averaged_over_processes_and_micro_batches(tmp_path, ti
     all-reduce (rank 1 reports twice rank 0's sums). Logged means divide by 2 processes x 2 micro-batches; the pair
     counts give the accuracy over all valid pairs of the step."""
     import clha.losses
-    from clha.trainer import Trainer
+    from clha.training.trainer import Trainer
 
     data = _write_data(tmp_path, num=16)
     trainer = Trainer(parse_config(_args(tiny_lm_dir, data, tmp_path / "o", tmp_path / "l", 1)))  # 2 micro-batches

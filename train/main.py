@@ -2,14 +2,11 @@
 """Train a causal LM with CLHA or a baseline loss. Launch with `accelerate launch` (see train_hh.sh)."""
 
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from clha.config import parse_config  # noqa: E402
-from clha.errors import InputError  # noqa: E402
-from clha.trainer import NonFiniteLossError, run_training  # noqa: E402
+from clha.config import parse_config
+from clha.errors import InputError
+from clha.training.trainer import NonFiniteLossError, run_training
 
 
 def main(argv=None) -> int:

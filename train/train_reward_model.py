@@ -6,11 +6,10 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from clha.errors import InputError  # noqa: E402
-from clha.reward_training import parse_reward_config, run_reward_training  # noqa: E402
-from clha.threads import configure_threads  # noqa: E402
+from clha.errors import InputError
+from clha.rm.config import parse_reward_config
+from clha.rm.trainer import run_reward_training
+from clha.threads import configure_threads
 
 
 def main(argv=None) -> int:

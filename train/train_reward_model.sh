@@ -36,4 +36,12 @@ DISTILL_TARGET=${DISTILL_TARGET:-reward}          # reward | margin
 SEED=${SEED:-42}
 LOG_DIR=${LOG_DIR:-logs/reward_models/$(basename "$OUTPUT_DIR")}
 
-accelerate launch --config_file "$ACCELERATE_CONFIG" --mixed_precision "$MIXED_PRECISION" train/train_reward_model.py --model_name_or_path "$MODEL" ${GGUF_FILE:+--gguf_file "$GGUF_FILE"} --raw_data_dir "$RAW_DATA_DIR" --pro_rewards_dir "$PRO_REWARDS_DIR" --train_partitions "$TRAIN_PARTITIONS" --eval_partitions "$EVAL_PARTITIONS" --partition_seed "$PARTITION_SEED" --max_length "$MAX_LENGTH" --num_train_epochs "$EPOCHS" --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM" --learning_rate "$LEARNING_RATE" --lr_scheduler_type "$LR_SCHEDULER" --warmup_ratio "$WARMUP_RATIO" --pairwise_weight "$PAIRWISE_WEIGHT" --distill_weight "$DISTILL_WEIGHT" --distill_target "$DISTILL_TARGET" --seed "$SEED" --output_dir "$OUTPUT_DIR" --log_dir "$LOG_DIR" "$@"
+# Every option is a field of RewardTrainConfig (clha/rm/config.py; `python train/train_reward_model.py --help`).
+accelerate launch --config_file "$ACCELERATE_CONFIG" --mixed_precision "$MIXED_PRECISION" \
+  train/train_reward_model.py --model_name_or_path "$MODEL" ${GGUF_FILE:+--gguf_file "$GGUF_FILE"} \
+  --raw_data_dir "$RAW_DATA_DIR" --pro_rewards_dir "$PRO_REWARDS_DIR" \
+  --train_partitions "$TRAIN_PARTITIONS" --eval_partitions "$EVAL_PARTITIONS" --partition_seed "$PARTITION_SEED" \
+  --max_length "$MAX_LENGTH" --num_train_epochs "$EPOCHS" --per_device_train_batch_size "$BATCH_SIZE" \
+  --gradient_accumulation_steps "$GRAD_ACCUM" --learning_rate "$LEARNING_RATE" --lr_scheduler_type "$LR_SCHEDULER" \
+  --warmup_ratio "$WARMUP_RATIO" --pairwise_weight "$PAIRWISE_WEIGHT" --distill_weight "$DISTILL_WEIGHT" \
+  --distill_target "$DISTILL_TARGET" --seed "$SEED" --output_dir "$OUTPUT_DIR" --log_path "$LOG_DIR" "$@"

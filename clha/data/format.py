@@ -14,6 +14,7 @@ A turn is "<|prompter|>" + text or "<|assistant|>" + text; the last turn of a pr
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional
@@ -116,6 +117,12 @@ def parse_ranked(obj: Any, path: Optional[str] = None, line: Optional[int] = Non
     if not isinstance(reward, list) or len(reward) != n or not all(
             isinstance(r, (int, float)) and not isinstance(r, bool) for r in reward):
         raise InputError(f"must be a list of {n} numbers", path, line, "reward")
+    for k, r in enumerate(reward):
+        if not math.isfinite(r):
+            # JSON readers accept NaN/Infinity; such a row would silently train nothing (its pairs masked, its
+            # SFT gate closed), so it is refused with its place.
+            raise InputError(f"is {r}: rewards must be finite numbers (rescore this row or drop it)", path, line,
+                             f"reward[{k}]")
     sft_index = obj.get("sft_index", 0)
     if not isinstance(sft_index, int) or not 0 <= sft_index < n:
         raise InputError(f"must be an integer in [0, {n})", path, line, "sft_index")

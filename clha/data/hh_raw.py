@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from clha.data.format import ASSISTANT, PROMPTER, first_human_turn
 from clha.errors import InputError
-from clha.fileio import iter_jsonl
+from clha.fileio import check_gzip, iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def read_raw_file(path: str | os.PathLike, subset: str, split: str, file: Option
                   stats: Optional[RawStats] = None, skip_broken: bool = False) -> List[RawPair]:
     """Read one raw HH-RLHF file.
 
-    Malformed JSON and an unreadable file always raise InputError. A row with a missing or non-string field or
+    Malformed JSON, an unreadable or empty file always raise InputError. A row with a missing or non-string field or
     a dialogue without a Human/Assistant turn raises too, unless `skip_broken` (then it is logged and counted).
     """
     path = str(path)
@@ -202,11 +202,16 @@ def read_raw_file(path: str | os.PathLike, subset: str, split: str, file: Option
     stats = stats if stats is not None else RawStats()
     file = file if file is not None else f"{subset}/{Path(path).name}"
     pairs: List[RawPair] = []
+    rows_before = stats.counts["rows"]
+    gzip_checked = False
     for line, obj in iter_jsonl(path):   # malformed JSON / unreadable gzip: always an InputError
         stats.counts["rows"] += 1
         try:
             pair = parse_raw_row(obj, path, line, subset, split, file, stats)
         except InputError as err:
+            if not gzip_checked:   # a damaged .gz can decompress into broken rows: name the damage, not the row
+                check_gzip(path)
+                gzip_checked = True
             if not skip_broken:
                 raise
             stats.counts["skipped_broken"] += 1
@@ -215,6 +220,9 @@ def read_raw_file(path: str | os.PathLike, subset: str, split: str, file: Option
         if pair is not None:
             stats.counts["pairs"] += 1
             pairs.append(pair)
+    if not rows_before < stats.counts["rows"]:
+        raise InputError("holds no rows (an empty or cut-off download?); remove it or choose --subsets/--splits",
+                         path=path)
     return pairs
 
 

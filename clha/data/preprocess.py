@@ -16,7 +16,7 @@ Step 3 (`step3_test_data`): the `test` role rows of each subset, scored, candida
 first), raw line order -> `data/hh_test/<stem>.json`.
 
 Rewards come from a `RewardSource`: stored rewards (`PrecomputedRewards`, matched by subset and raw test-file
-line) or a reward model (`clha.reward.load_reward_model`, imported only when needed), one source per output.
+line) or a reward model (`clha.rm.scoring.load_reward_model`, imported only when needed), one source per output.
 With both, the model scores every row and the stored rewards are only compared with its scores (pairwise
 ranking agreement, correlations: logged and in the step's summary); `--allow_mixed_reward_sources` instead uses
 stored rewards where a row has them and the model for the rest. Every written row records its source in
@@ -24,6 +24,9 @@ stored rewards where a row has them and the model for the rest. Every written ro
 
 Every step reads and checks all of its input and computes all of its rewards before it writes anything;
 each file is written atomically (temporary name, then rename). Same input -> same output bytes.
+
+The reward sources live in `clha.data.reward_scoring`, the command-line helpers of the step scripts in
+`clha.data.preprocess_cli`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -33,15 +36,16 @@ import logging
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from clha.data.format import RankedExample, read_ranked, write_ranked
 from clha.data.hh_raw import (RAW_SPLITS, RAW_SUBSETS, SUBSET_STEMS, RawPair, RawStats, canonical_subset,
                               read_raw_dir)
-from clha.data.precomputed import PrecomputedRewards
-from clha.data.reward_sources import REWARD_SOURCE_KEY, RewardAgreement, model_source, precomputed_source
+from clha.data.preprocess_cli import (add_reward_args, add_subset_arg, path_or_default, print_summary,  # noqa: F401
+                                      reward_source_from_args, run_cli)
+from clha.data.reward_scoring import RewardSource  # noqa: F401  (re-exported)
+from clha.data.reward_sources import REWARD_SOURCE_KEY
 from clha.data.splits import PARTITIONS, PartitionConfig, partition_pairs, partition_sizes
 from clha.errors import InputError
 from clha.fileio import write_json
@@ -147,210 +151,6 @@ def load_step1_rows(in_dir: str | os.PathLike, role: str, subsets: Optional[Sequ
             raise InputError("listed in the manifest but missing (rerun step 1)", path=path)
         rows.setdefault(entry["subset"], []).extend(read_ranked(path, require_reward=False, expected_n=2))
     return rows
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rewards
-# ---------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class RewardSource:
-    """Where rewards come from: stored rewards (raw test-file rows only) or a reward model, one source per run.
-
-    - stored rewards only: every row needs a stored reward (a missing one stops the step);
-    - a reward model only: the model scores every row;
-    - both (default): the model scores every row, and the stored rewards of the rows that have them are only
-      compared with the model's scores (`agreement()`: pairwise ranking agreement, correlations), so the
-      output holds one reward scale;
-    - both with `allow_mixed=True` (`--allow_mixed_reward_sources`): stored rewards where a row has them, the
-      model for the rest (two scales in one file; each row's `meta.reward_source` says which).
-
-    `score_with_sources` returns each row's rewards and its source label (`clha.data.reward_sources`).
-    """
-
-    precomputed: Optional[PrecomputedRewards] = None
-    reward_model: Optional[str] = None
-    device: Optional[str] = None
-    batch_size: int = 16
-    max_length: int = 512
-    precomputed_split: str = "test"   # the raw split whose line numbers the stored files refer to
-    allow_mixed: bool = False
-
-    def __post_init__(self):
-        if self.precomputed is None and self.reward_model is None:
-            raise InputError("no reward source: give --reward_model PATH_OR_ID or --precomputed_rewards DIR")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.allow_mixed and self.mode != "mixed":
-            logger.warning("--allow_mixed_reward_sources has no effect with a single reward source")
-        self._scorer = None
-        self.counts = Counter()
-        self.rows_by_source = Counter()   # rows scored so far per meta.reward_source label
-        self._agreement = RewardAgreement()
-
-    @property
-    def mode(self) -> str:
-        """"precomputed", "reward_model", "reward_model+agreement" (both, default) or "mixed"."""
-        if self.reward_model is None:
-            return "precomputed"
-        if self.precomputed is None:
-            return "reward_model"
-        return "mixed" if self.allow_mixed else "reward_model+agreement"
-
-    @classmethod
-    def from_args(cls, reward_model: Optional[str] = None, precomputed_rewards: Optional[str] = None,
-                  device: Optional[str] = None, batch_size: int = 16, max_length: int = 512,
-                  allow_mixed: bool = False) -> "RewardSource":
-        """Check the paths now (before any work); the model itself is loaded on first use."""
-        precomputed = PrecomputedRewards(precomputed_rewards) if precomputed_rewards else None
-        if reward_model:
-            _check_model_path(reward_model)
-        return cls(precomputed, reward_model or None, device, batch_size, max_length, allow_mixed=allow_mixed)
-
-    def _stored(self, ex: RankedExample) -> Optional[List[float]]:
-        if self.precomputed is None or ex.meta.get("split") != self.precomputed_split:
-            return None
-        source = ex.meta.get("source")
-        if not self.precomputed.has_subset(source):
-            return None
-        row = self.precomputed.row(source, ex.meta["line_num"])
-        if row is None and self.reward_model is not None:
-            return None
-        rewards = self.precomputed.lookup(source, ex.meta["line_num"])
-        if not _same_opening(row, ex):
-            self.counts["precomputed_prompt_mismatch"] += 1
-        if len(rewards) != ex.n:
-            raise InputError(f"stored rewards have {len(rewards)} values for {ex.n} candidates "
-                             f"(subset {ex.meta.get('source')!r}, raw line {ex.meta.get('line_num')})",
-                             path=self.precomputed.directory)
-        return rewards
-
-    def score(self, examples: Sequence[RankedExample]) -> List[List[float]]:
-        """One reward per candidate of each example, in the example's candidate order."""
-        return self.score_with_sources(examples)[0]
-
-    def score_with_sources(self, examples: Sequence[RankedExample]) -> Tuple[List[List[float]], List[str]]:
-        """Rewards (one per candidate, in the example's candidate order) and the reward source of each example."""
-        out: List[Optional[List[float]]] = [None] * len(examples)
-        sources: List[Optional[str]] = [None] * len(examples)
-        reference: Dict[int, List[float]] = {}   # stored rewards used only for the agreement report
-        todo: List[int] = []
-        for i, ex in enumerate(examples):
-            stored = self._stored(ex)
-            if stored is not None:
-                if self.mode == "reward_model+agreement":
-                    reference[i] = stored
-                    todo.append(i)
-                else:
-                    out[i] = stored
-                    sources[i] = precomputed_source(self.precomputed.files[canonical_subset(ex.meta["source"])])
-            elif self.reward_model is None:
-                source, line = ex.meta.get("source"), ex.meta.get("line_num")
-                if self.precomputed.has_subset(source) and ex.meta.get("split") != self.precomputed_split:
-                    raise InputError(f"subset {source!r}, raw {ex.meta.get('split')} line {line}: the stored "
-                                     f"rewards refer to raw {self.precomputed_split} files only; give "
-                                     "--reward_model to score other rows", path=self.precomputed.directory)
-                self.precomputed.lookup(source, line)  # raises, naming the subset and line
-                raise InputError(f"no stored reward for subset {source!r}, raw line {line}",
-                                 path=self.precomputed.directory)  # not reached: lookup raised
-            else:
-                todo.append(i)
-        self.counts["precomputed"] += len(examples) - len(todo)
-        if self.counts["precomputed_prompt_mismatch"]:
-            logger.warning("%d rows so far got stored rewards whose prompt does not start like ours: is %s the "
-                           "reward file of these raw test files?", self.counts["precomputed_prompt_mismatch"],
-                           self.precomputed.directory)
-        if todo:
-            scorer = self.scorer()
-            prompts, responses = [], []
-            for i in todo:
-                for turns, response in zip(examples[i].prefix, examples[i].suffix):
-                    prompts.append(turns)
-                    responses.append(response)
-            flat = scorer.score(prompts, responses, batch_size=self.batch_size)
-            pos = 0
-            for i in todo:
-                n = examples[i].n
-                out[i] = [float(r) for r in flat[pos:pos + n]]
-                sources[i] = model_source(self.reward_model)
-                pos += n
-                if i in reference:
-                    self._agreement.add(reference[i], out[i])
-            self.counts["model"] += len(todo)
-        if reference:
-            self.counts["agreement_rows"] += len(reference)
-        self.rows_by_source.update(sources)
-        return out, sources  # type: ignore[return-value]
-
-    def agreement(self) -> Optional[Dict[str, Optional[float]]]:
-        """With both sources (default mode): how the model's scores agree with the stored rewards so far."""
-        if self.mode != "reward_model+agreement":
-            return None
-        return self._agreement.summary()
-
-    def summary(self) -> Dict:
-        """What a step reports: the mode, rows per source and (both sources, default mode) the agreement."""
-        out: Dict = {"mode": self.mode,
-                     "sources": dict(sorted(self.rows_by_source.items(), key=lambda kv: (-kv[1], kv[0])))}
-        agreement = self.agreement()
-        if agreement is not None:
-            out["agreement"] = agreement
-        return out
-
-    def log_agreement(self) -> Optional[Dict[str, Optional[float]]]:
-        report = self.agreement()
-        if report is not None:
-            logger.info("reward model %s vs stored rewards %s on %d rows: pairwise ranking agreement %s over %d "
-                        "pairs, Pearson r of the reward gaps %s, of the rewards %s (used only for this report; "
-                        "every row is scored by the reward model)", self.reward_model, self.precomputed.directory,
-                        report["rows"], report["pairwise_agreement"], report["pairs"], report["gap_pearson"],
-                        report["reward_pearson"])
-        return report
-
-    def scorer(self):
-        if self._scorer is None:
-            from clha.reward import load_reward_model  # lazy: torch/transformers only when a model is used
-
-            logger.info("loading reward model %s", self.reward_model)
-            self._scorer = load_reward_model(self.reward_model, device=self.device, max_length=self.max_length)
-        return self._scorer
-
-    def describe(self) -> str:
-        parts = []
-        if self.precomputed is not None:
-            role = " (agreement report only)" if self.mode == "reward_model+agreement" else ""
-            parts.append(f"precomputed={self.precomputed.directory}{role}")
-        if self.reward_model is not None:
-            parts.append(f"reward_model={self.reward_model}")
-        if self.mode == "mixed":
-            parts.append("MIXED (--allow_mixed_reward_sources)")
-        return ", ".join(parts)
-
-
-def _same_opening(stored: Optional[Dict], ex: RankedExample, width: int = 24) -> bool:
-    """Whether a stored row's first prompt turn starts like ours (a guard against a wrong reward folder).
-
-    Only the first characters are compared: the reference lost later paragraphs of turns."""
-    try:
-        theirs = stored["prefix"][0][0]
-    except (KeyError, IndexError, TypeError):
-        return True
-    ours = ex.prefix[0][0]
-    n = min(width, len(theirs), len(ours))
-    return theirs[:n] == ours[:n]
-
-
-def _check_model_path(path: str) -> None:
-    """A reward model argument that can only be a local path must exist (hub ids are checked when loading)."""
-    p = os.path.expanduser(path)
-    if os.path.exists(p):
-        if not os.path.isdir(p):
-            raise InputError("reward model path is a file, not a model folder", path=path)
-        return
-    looks_local = (os.path.isabs(p) or path.startswith((".", "~")) or path.endswith(("/", os.sep))
-                   or path.count("/") > 1 or "\\" in path)
-    if looks_local:
-        raise InputError("reward model path does not exist", path=path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,65 +296,3 @@ def step3_test_data(in_dir: str | os.PathLike, out_dir: str | os.PathLike, rewar
                 dict(rewards.counts))
     rewards.log_agreement()
     return counts
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command-line helpers shared by train/hh_preprocess_data/step_*.py
-# ---------------------------------------------------------------------------------------------------------------
-
-def add_reward_args(parser) -> None:
-    group = parser.add_argument_group("rewards (at least one of --reward_model / --precomputed_rewards)")
-    group.add_argument("--reward_model", default=None,
-                       help="reward model folder or hub id, loaded with clha.reward.load_reward_model "
-                            "(reference: OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5 for training data)")
-    group.add_argument("--precomputed_rewards", default=None,
-                       help="folder of PRO-format files with stored rewards (e.g. ../shared/data/pro-format/hh_test), "
-                            "matched by subset and meta.line_num of the raw test file; with --reward_model too, "
-                            "the model scores EVERY row and the stored rewards are only compared with its scores "
-                            "(agreement report)")
-    group.add_argument("--allow_mixed_reward_sources", action="store_true",
-                       help="with both options: stored rewards where a row has them, the model for the rest (two "
-                            "reward scales in one file; each row's meta.reward_source records its source)")
-    group.add_argument("--batch_size", type=int, default=16, help="reward model batch size (pairs)")
-    group.add_argument("--device", default=None, help="reward model device (default: cuda if available, else cpu)")
-    group.add_argument("--max_length", type=int, default=512,
-                       help="reward model input length in tokens (cut from the left)")
-
-
-def add_subset_arg(parser) -> None:
-    parser.add_argument("--subsets", nargs="+", default=None, metavar="SUBSET",
-                        help=f"only these subsets (default: all found): {' '.join(RAW_SUBSETS)} "
-                             "(file stems like helpful_rejection are accepted too)")
-
-
-def reward_source_from_args(args) -> RewardSource:
-    return RewardSource.from_args(reward_model=args.reward_model, precomputed_rewards=args.precomputed_rewards,
-                                  device=args.device, batch_size=args.batch_size, max_length=args.max_length,
-                                  allow_mixed=args.allow_mixed_reward_sources)
-
-
-def print_summary(summary: Dict) -> None:
-    """A step's summary as one JSON line on stdout (counts, reward mode, rows per source, agreement)."""
-    print("summary: " + json.dumps(summary, ensure_ascii=False))
-
-
-def path_or_default(value: Optional[str], repo_root: Path, default: str) -> Path:
-    """A path the user gave (relative to the current directory), else `default` under the repository root."""
-    return Path(value) if value else repo_root / default
-
-
-def run_cli(main, argv=None) -> int:
-    """Run a step's main(argv): logging to stderr, InputError -> one clear line and exit status 2."""
-    import sys
-    import time
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    start = time.perf_counter()
-    try:
-        main(argv)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    logger.info("done in %.1f s", time.perf_counter() - start)
-    return 0

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 from clha.data.hh_raw import RAW_SPLITS  # noqa: E402
 from clha.data.preprocess import add_subset_arg, path_or_default, run_cli, step1_process  # noqa: E402

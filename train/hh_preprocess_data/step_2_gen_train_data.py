@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 from clha.data.preprocess import (DEFAULT_DEV_SIZE, DEFAULT_SEED, add_reward_args, add_subset_arg,  # noqa: E402
                                   path_or_default, print_summary, reward_source_from_args, run_cli,

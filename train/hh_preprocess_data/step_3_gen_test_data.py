@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 from clha.data.preprocess import (add_reward_args, add_subset_arg, path_or_default,  # noqa: E402
                                   print_summary, reward_source_from_args, run_cli, step3_test_data)

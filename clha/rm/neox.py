@@ -10,7 +10,7 @@ hidden state of the last real token (pooling "last", the default) or to the mask
 
 Importing this module registers the config with `AutoConfig` and the model with
 `AutoModelForSequenceClassification`, so `AutoModelForSequenceClassification.from_pretrained(path)` loads such a
-checkpoint. `clha.reward.load_reward_model` loads them directly with `GPTNeoXRewardModel.from_pretrained`.
+checkpoint. `clha.rm.scoring.load_reward_model` loads them directly with `GPTNeoXRewardModel.from_pretrained`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Two backends behind one interface (`RewardScorer.score`):
     `*ForSequenceClassification`). Input text: the prompt turns rendered as HH-RLHF text
     (`clha.data.format.render_prompt`) + " " + response; the tokenizer adds its own special tokens
     ([CLS] ... [SEP], BOS) as it normally would.
-(b) OpenAssistant GPT-NeoX reward models (`model_type: gpt_neox_reward_model`, see `clha.reward_neox`). Input
+(b) OpenAssistant GPT-NeoX reward models (`model_type: gpt_neox_reward_model`, see `clha.rm.neox`). Input
     text: `<|prompter|>q<|endoftext|><|assistant|>a<|endoftext|>...<|assistant|>response<|endoftext|>`, each turn
     followed by the tokenizer's eos.
 
@@ -37,6 +37,7 @@ import torch
 
 from clha.data.format import ASSISTANT, PROMPTER, model_input_text, render_prompt
 from clha.errors import InputError
+from clha.loading import check_location, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,6 @@ logger = logging.getLogger(__name__)
 PROGRESS_MIN_BATCHES = 4
 
 Prompt = Sequence[str]
-
-_DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Input formats
@@ -281,35 +275,6 @@ class OAsstRewardScorer(HFRewardScorer):
 # Loading
 # --------------------------------------------------------------------------------------------------------------
 
-def _looks_local(path: str) -> bool:
-    """True for strings that can only be a filesystem path, never a hub id ("org/name" or "name")."""
-    if os.path.isabs(path) or path.startswith(("./", "../", "~", ".\\", "..\\")) or path in (".", ".."):
-        return True
-    if "\\" in path or path.endswith("/"):
-        return True
-    return path.count("/") > 1
-
-
-def resolve_device(device: Union[str, torch.device, None] = None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    """None: bfloat16 on a CUDA device that supports it, float32 otherwise. Strings like "bf16" are accepted."""
-    if dtype is None:
-        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().replace("torch.", "")
-    if key not in _DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}")
-    return _DTYPE_NAMES[key]
-
-
 HEAD_NAMES = ("score", "classifier", "out_proj")
 
 
@@ -352,19 +317,14 @@ def load_reward_model(path_or_id: Union[str, os.PathLike], device: Union[str, to
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from clha import reward_neox  # registers gpt_neox_reward_model with the Auto classes
+    from clha.rm import neox as reward_neox  # registers gpt_neox_reward_model with the Auto classes
 
     name = os.fspath(path_or_id)
     if not isinstance(name, str) or not name.strip():
         raise InputError("empty reward model path or id", repr(path_or_id))
-    location = os.path.expanduser(name)
-    if os.path.exists(location):
-        if not os.path.isdir(location):
-            raise InputError("is a file, not a model folder", name)
-        if not os.path.isfile(os.path.join(location, "config.json")):
-            raise InputError("has no config.json: not a Hugging Face model folder", name)
-    elif _looks_local(name):
-        raise InputError("reward model path does not exist", name)
+    location = check_location(name, None, "reward model")
+    if os.path.isdir(location) and not os.path.isfile(os.path.join(location, "config.json")):
+        raise InputError("has no config.json: not a Hugging Face model folder", name)
 
     device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype, device_)
@@ -404,4 +364,4 @@ def load_reward_model(path_or_id: Union[str, os.PathLike], device: Union[str, to
 
 
 __all__ = ["RewardScorer", "HFRewardScorer", "OAsstRewardScorer", "load_reward_model", "format_hh_input",
-           "format_oasst_input", "resolve_device", "resolve_dtype", "fp32_reward_head", "PROGRESS_MIN_BATCHES"]
+           "format_oasst_input", "fp32_reward_head", "PROGRESS_MIN_BATCHES"]

@@ -1,6 +1,6 @@
 """Tiny reward models built from a config, saved as normal Hugging Face folders (tests and the demo).
 
-Nothing downloads: tokenizers are trained in about a second on HH-style text (`clha.tiny`), the models are
+Nothing downloads: tokenizers are trained in about a second on HH-style text (`clha.testing.tiny`), the models are
 randomly initialised and hold a few hundred thousand parameters. Their scores mean nothing; they exercise the
 exact code paths of real reward models:
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Optional
 
-from clha.tiny import _BASE_CORPUS, build_tokenizer
+from clha.testing.tiny import _BASE_CORPUS, build_tokenizer
 
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 ARCHES = ("llama", "bert")
@@ -119,7 +119,7 @@ def build_tiny_neox_reward_model(seed: int = 0, hidden_size: int = 64, layers: i
     """(model, tokenizer): a randomly initialised OpenAssistant-style GPT-NeoX reward model."""
     import torch
 
-    from clha.reward_neox import GPTNeoXRewardModel, GPTNeoXRewardModelConfig
+    from clha.rm.neox import GPTNeoXRewardModel, GPTNeoXRewardModelConfig
 
     tokenizer = build_tokenizer()
     config = GPTNeoXRewardModelConfig(
