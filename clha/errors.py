@@ -23,3 +23,8 @@ class InputError(ValueError):
         if field is not None:
             where += f"field '{field}': "
         super().__init__(where + message)
+
+
+class SaveError(RuntimeError):
+    """A checkpoint or state could not be written (disk full, no permission): names the folder. What was saved
+    before is intact, so the run can be resumed once the cause is fixed."""

@@ -648,8 +648,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     assert _steps(tmp_path / "logs") == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.xfail(strict=True, reason="train/main.py lets an OSError from a checkpoint write (disk full) escape as "
-                                       "a traceback instead of one error line naming the folder")
 @pytest.mark.slow
 @slow_campaign
 def test_F02_disk_full_during_training_is_one_error_line(tmp_path, tiny_lm_dir, capsys, monkeypatch):

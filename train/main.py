@@ -5,7 +5,7 @@ import logging
 import sys
 
 from clha.config import parse_config
-from clha.errors import InputError
+from clha.errors import InputError, SaveError
 from clha.training.trainer import NonFiniteLossError, run_training
 
 
@@ -15,8 +15,10 @@ def main(argv=None) -> int:
     cfg = parse_config(argv)
     try:
         summary = run_training(cfg)
-    except (InputError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (InputError, NonFiniteLossError, SaveError) as err:
+        # errors of the training loop come while a progress bar holds the line: start a new one
+        start = "" if isinstance(err, InputError) else "\n"
+        print(f"{start}error: {err}", file=sys.stderr)
         return 2
     logging.getLogger("clha").info("done: %s", {k: v for k, v in summary.items() if k != "validation"})
     return 0

@@ -21,7 +21,7 @@ from typing import Dict, Optional
 
 import torch
 
-from clha.errors import InputError
+from clha.errors import InputError, SaveError
 from clha.fileio import atomic_write, write_json
 from clha.loading import save_hf_folder
 from clha.training.reference import REFERENCE_FILE
@@ -130,9 +130,13 @@ class CheckpointMixin:
 
                 def save_model(folder):
                     save_lora_checkpoint(self.peft_model, inner, folder, state)
-            save_hf_folder(final, inner, self.tokenizer, {CONFIG_FILE: {**self.cfg.to_dict(),
-                                                                        "global_step": self.pos.global_step}},
-                           state_dict=state, save_model=save_model)
+            try:
+                save_hf_folder(final, inner, self.tokenizer, {CONFIG_FILE: {**self.cfg.to_dict(),
+                                                                            "global_step": self.pos.global_step}},
+                               state_dict=state, save_model=save_model)
+            except OSError as err:
+                raise SaveError(f"cannot save the checkpoint {final}: {err}; the last complete train state is "
+                                f"intact: fix the cause and rerun with --resume_from_checkpoint latest") from err
         acc.wait_for_everyone()
         return final
 
