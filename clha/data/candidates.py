@@ -43,6 +43,7 @@ from clha.data.format import RankedExample, read_ranked, render_prompt, write_ra
 from clha.data.reward_sources import REWARD_SOURCE_KEY, model_source
 from clha.errors import InputError
 from clha.fileio import write_json
+from clha.shards import ShardError, few, merge_rows, read_shard, shard_is_current  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ FORMAT_VERSION = 1
 ORDERS = ("reward", "input")
 HUMAN, POLICY = "human", "policy"
 _CHUNK_NAME = re.compile(r"^chunk(?P<chunk>\d+)-of-(?P<total>\d+)\.json$")
-
-
-class ShardError(RuntimeError):
-    """Shards are missing, stale, or do not cover every row exactly once."""
 
 
 @dataclass
@@ -176,21 +173,6 @@ def shard_path(work: Path, chunk: int, total: int) -> Path:
     return work / "shards" / f"chunk{chunk}-of-{total}.json"
 
 
-def read_shard(path: Path) -> Optional[Dict[str, Any]]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("rows"), list) else None
-
-
-def shard_is_current(path: Path, fp: str, indices: Sequence[int]) -> bool:
-    data = read_shard(path)
-    return (data is not None and data.get("fingerprint") == fp
-            and [row.get("index") for row in data["rows"] if isinstance(row, dict)] == list(indices))
-
-
 def pending_chunks(cfg: CandidateConfig, num_rows: int, fp: str, rank: int, world: int) -> List[int]:
     """The chunks process `rank` of `world` still has to compute."""
     bounds = chunk_bounds(num_rows, cfg.chunk_size)
@@ -276,41 +258,13 @@ def merge_chunks(cfg: CandidateConfig, num_rows: int, fp: str) -> List[Dict[str,
     """Rows of all shards ordered by row index; ShardError when a shard is missing, stale or unreadable, or a row
     is missing or present twice."""
     total = len(chunk_bounds(num_rows, cfg.chunk_size))
-    by_index: Dict[int, Dict[str, Any]] = {}
-    duplicates, bad, missing_chunks = [], [], []
-    for c in range(total):
-        path = shard_path(cfg.work, c, total)
-        if not path.is_file():
-            missing_chunks.append(c)
-            continue
-        data = read_shard(path)
-        if data is None:
-            raise ShardError(f"{path}: unreadable shard; rerun the step (it redoes the missing chunks)")
-        if data.get("fingerprint") != fp:
-            raise ShardError(f"{path}: stale shard (made from other inputs or settings); rerun the step")
-        for row in data["rows"]:
-            index = row.get("index") if isinstance(row, dict) else None
-            if not isinstance(index, int) or not 0 <= index < num_rows:
-                bad.append(index)
-            elif index in by_index:
-                duplicates.append(index)
-            else:
-                by_index[index] = row
+    paths = [shard_path(cfg.work, c, total) for c in range(total)]
+    missing_chunks = [c for c, path in enumerate(paths) if not path.is_file()]
     if missing_chunks:
         raise ShardError(f"{cfg.work / 'shards'}: {len(missing_chunks)} of {total} chunks missing (chunk "
-                         f"{_few(missing_chunks)}): rerun the step to complete them")
-    missing = [i for i in range(num_rows) if i not in by_index]
-    if duplicates or missing or bad:
-        raise ShardError(f"{cfg.work / 'shards'}: " + "; ".join(part for part in (
-            f"rows present twice: {_few(duplicates)}" if duplicates else "",
-            f"rows missing: {_few(missing)}" if missing else "",
-            f"rows with an invalid index: {_few(bad)}" if bad else "") if part))
-    return [by_index[i] for i in range(num_rows)]
-
-
-def _few(items: Sequence, k: int = 10) -> str:
-    items = list(items)
-    return ", ".join(map(str, items[:k])) + (f" ... ({len(items)} in all)" if len(items) > k else "")
+                         f"{few(missing_chunks)}): rerun the step to complete them")
+    return merge_rows(paths, fp, num_rows, str(cfg.work / "shards"), noun="rows",
+                      rerun_unreadable="rerun the step (it redoes the missing chunks)", rerun_stale="rerun the step")
 
 
 # ============================================================================================== ranking

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from clha.fileio import write_json
+from clha.shards import ShardError, merge_rows, read_shard, shard_is_current  # noqa: F401 - re-exported
 
 logger = logging.getLogger("clha.eval")
 
@@ -37,10 +38,6 @@ def shard_path(out_dir: str | os.PathLike, stage: str, subset: str, rank: int, w
 _SHARD_NAME = re.compile(r"^(?P<subset>\w+)\.rank(?P<rank>\d+)-of-(?P<world>\d+)\.json$")
 
 
-class ShardError(RuntimeError):
-    """Shards of a stage are missing, stale, or do not cover every example exactly once."""
-
-
 def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:20]
 
@@ -49,25 +46,6 @@ def write_shard(path: Path, stage: str, subset: str, rank: int, world_size: int,
                 rows: List[Dict[str, Any]]) -> None:
     write_json(path, {"stage": stage, "subset": subset, "rank": rank, "world_size": world_size,
                       "fingerprint": fp, "format_version": FORMAT_VERSION, "rows": rows})
-
-
-def read_shard(path: Path) -> Optional[Dict[str, Any]]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-        return None
-    return data
-
-
-def shard_is_current(path: Path, fp: str, share: List[int]) -> bool:
-    """The shard exists, has this fingerprint and holds exactly the examples of `share`."""
-    data = read_shard(path)
-    if data is None or data.get("fingerprint") != fp:
-        return False
-    return [row.get("index") for row in data["rows"] if isinstance(row, dict)] == share
 
 
 def remove_other_world_sizes(out_dir: str | os.PathLike, stage: str, subset: str, world_size: int) -> None:
@@ -106,31 +84,7 @@ def merge_shards(out_dir: str | os.PathLike, stage: str, subset: str, n: int, fp
         missing = sorted(set(range(world_size)) - set(ranks))
         raise ShardError(f"{folder}: {subset} {stage} shards of ranks {missing} (of {world_size}) are missing: "
                          f"rerun the {stage} stage to complete them")
-    by_index: Dict[int, Dict[str, Any]] = {}
-    duplicates, bad = [], []
-    for rank, f in sorted(shards):
-        data = read_shard(f)
-        if data is None:
-            raise ShardError(f"{f}: unreadable shard; rerun the {stage} stage with --force")
-        if data.get("fingerprint") != fp:
-            raise ShardError(f"{f}: stale shard (made from other inputs or settings); rerun the {stage} stage")
-        for row in data["rows"]:
-            index = row.get("index") if isinstance(row, dict) else None
-            if not isinstance(index, int) or not 0 <= index < n:
-                bad.append(index)
-            elif index in by_index:
-                duplicates.append(index)
-            else:
-                by_index[index] = row
-    missing = [i for i in range(n) if i not in by_index]
-    if duplicates or missing or bad:
-        raise ShardError(f"{folder}: subset {subset!r} ({stage}): " + "; ".join(
-            part for part in (f"examples present twice: {_few(duplicates)}" if duplicates else "",
-                              f"examples missing: {_few(missing)}" if missing else "",
-                              f"rows with an invalid index: {_few(bad)}" if bad else "") if part))
-    return [by_index[i] for i in range(n)]
+    return merge_rows([f for _, f in sorted(shards)], fp, n, f"{folder}: subset {subset!r} ({stage})",
+                      noun="examples", rerun_unreadable=f"rerun the {stage} stage with --force",
+                      rerun_stale=f"rerun the {stage} stage")
 
-
-def _few(items: Sequence, k: int = 10) -> str:
-    items = list(items)
-    return ", ".join(map(str, items[:k])) + (f" ... ({len(items)} in all)" if len(items) > k else "")
