@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -116,7 +117,6 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise InputError("must be >= 1", field=name)
         # Values that cannot work are refused here, before any data or model is loaded.
-        import math
 
         from clha.data.tokenize import RESPONSE_BUDGET
 
@@ -149,10 +149,13 @@ class TrainConfig:
             raise InputError("must be > 0 to train (0 would leave the weights as loaded)", field="learning_rate")
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as JSON values: an infinite float (e.g. `sft_reward_threshold=-inf`) becomes the string
+        "-inf" / "inf", which `from_dict` and the command line read back (JSON has no infinity)."""
+        return {k: (("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v)
+                for k, v in dataclasses.asdict(self).items()}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":

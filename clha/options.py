@@ -56,12 +56,14 @@ def aliased(cls):
 
 def config_from_dict(cls, values: Dict[str, Any]):
     """A config from a dict (e.g. a saved config JSON): known fields and their aliases; other keys are ignored."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     aliases = aliases_of(cls)
     kwargs = {}
     for key, value in values.items():
-        name = key if key in names else aliases.get(key)
+        name = key if key in fields else aliases.get(key)
         if name is not None and (name == key or name not in values):
+            if isinstance(value, str) and fields[name].type in (float, "float") and value.lower() in ("inf", "-inf"):
+                value = float(value)          # written as a string: JSON has no infinity
             kwargs[name] = value
     return cls(**kwargs)
 

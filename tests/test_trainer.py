@@ -57,6 +57,15 @@ def test_seed_arguments_parse_with_their_meaning():
     assert cfg.append_eos and parse_config(["--model_name_or_path", "m", "--no-append_eos"]).append_eos is False
 
 
+def test_an_infinite_gate_is_saved_as_strict_json_and_read_back():
+    # the comparison's clha_nogate ablation: the SFT term always on
+    cfg = parse_config(["--model_name_or_path", "m", "--sft_reward_threshold=-inf"])
+    text = cfg.to_json()
+    assert '"sft_reward_threshold": "-inf"' in text and "Infinity" not in text
+    back = TrainConfig.from_dict(json.loads(text))
+    assert back == cfg and back.sft_reward_threshold == float("-inf")
+
+
 def test_validation_without_reward_model_is_refused():
     cfg = TrainConfig(model_name_or_path="m", do_validation=True, validation_file_path="v",
                       validation_file_name="f.json")
