@@ -40,9 +40,10 @@ SUBSETS: Tuple[str, ...] = ("harmless_base", "helpful_base", "helpful_online", "
 SUBSET_TITLES = {"harmless_base": "Harmless-base", "helpful_base": "Helpful-base", "helpful_online": "Helpful-online",
                  "helpful_rejection": "Helpful-rejection", "total": "Total"}
 RESULT_FORMAT = "clha-comparison-run/1"
-METHOD_ORDER = ("base", "sft", "dpo", "rrhf", "pro", "clha", "clha_nomask", "clha_nogate")
+METHOD_ORDER = ("base", "sft", "dpo", "rrhf", "pro", "clha", "clha_nomask", "clha_nogate", "pro_n3", "clha_n3")
 METHOD_TITLES = {"base": "Base (untrained)", "sft": "SFT", "dpo": "DPO", "rrhf": "RRHF", "pro": "PRO",
-                 "clha": "CLHA", "clha_nomask": "CLHA w/o rescoring mask", "clha_nogate": "CLHA w/o adaptive gate"}
+                 "clha": "CLHA", "clha_nomask": "CLHA w/o rescoring mask", "clha_nogate": "CLHA w/o adaptive gate",
+                 "pro_n3": "PRO, rankings of 3", "clha_n3": "CLHA, rankings of 3"}
 REFERENCE = "clha"          # the method the paired differences are taken from
 WIN_AGAINST = "sft"         # the method the win rates are taken against
 # Fields that must be equal in every run of one table.
@@ -202,6 +203,12 @@ def win_rate(xa: np.ndarray, xb: np.ndarray, strata: Sequence[str], **kw) -> Tup
 
 
 # ============================================================================================== the summary
+def shorter_counterpart(method: str, methods: Sequence[str]) -> Optional[str]:
+    """The n = 2 method a longer-ranking one extends (clha_n3 -> clha), when it is among `methods`."""
+    stem, sep, n = method.rpartition("_n")
+    return stem if sep and n.isdigit() and int(n) > 2 and stem in methods else None
+
+
 def group_by_method(runs: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for run in runs:
@@ -251,7 +258,15 @@ def summarise(runs: Sequence[Dict[str, Any]], n_boot: int = DEFAULT_BOOTSTRAP,
                     "reward": per_scope(paired_difference, mats[REFERENCE]["reward"], mats[m]["reward"]),
                     "bleu": per_scope(paired_difference, mats[REFERENCE]["bleu"], mats[m]["bleu"]),
                 }
+    longer: Dict[str, Any] = {}
+    for m in groups:
+        shorter = shorter_counterpart(m, list(groups))
+        if shorter:
+            longer[m] = {"against": shorter,
+                         "reward": per_scope(paired_difference, mats[m]["reward"], mats[shorter]["reward"]),
+                         "bleu": per_scope(paired_difference, mats[m]["bleu"], mats[shorter]["bleu"])}
     return {"n_prompts": {scope: len(cols) for scope, cols in scopes.items()}, "n_runs": len(runs),
+            "longer_rankings": longer,
             "bootstrap": {"samples": n_boot, "rng_seed": seed}, "methods": methods,
             "differences_from": REFERENCE if REFERENCE in mats else None, "differences": differences,
             "win_against": WIN_AGAINST if WIN_AGAINST in mats else None}
@@ -276,6 +291,10 @@ def _ci(triple: Optional[Sequence[float]], signed: bool = False) -> str:
     point, lo, hi = triple
     fmt = "{:+.2f}" if signed else "{:.2f}"
     return f"{fmt.format(point)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def _pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def _title(method: str) -> str:
@@ -307,6 +326,17 @@ def render_tables(summary: Dict[str, Any]) -> List[str]:
                 + " | BLEU Total |", "|---|" + "---:|" * (len(scopes) + 1)]
         for m, d in summary["differences"].items():
             out.append(f"| {_title(m)} | " + " | ".join(_ci(d["reward"][s], signed=True) for s in scopes)
+                       + f" | {_ci(d['bleu']['total'], signed=True)} |")
+    if summary.get("longer_rankings"):
+        out += ["", "## Longer rankings: rankings of n minus the same method on the human pair (n = 2), paired per "
+                "prompt (95% intervals)", "",
+                "Positive: the longer ranking scores higher. Both train on the same prompts; the longer one adds "
+                "responses sampled from the untrained policy, ranked with the human pair by train_rm.", "",
+                "| Method | against | " + " | ".join(f"Reward {SUBSET_TITLES.get(s, s)}" for s in scopes)
+                + " | BLEU Total |", "|---|---|" + "---:|" * (len(scopes) + 1)]
+        for m, d in summary["longer_rankings"].items():
+            out.append(f"| {_title(m)} | {_title(d['against'])} | "
+                       + " | ".join(_ci(d["reward"][s], signed=True) for s in scopes)
                        + f" | {_ci(d['bleu']['total'], signed=True)} |")
     out += ["", "## Win rate against SFT, length, truncation, selection", "",
             "Win rate: how often eval_rm prefers the method's response to SFT's on the same prompt (every pair of "
@@ -354,7 +384,8 @@ def render_protocol(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> 
              f"- Training: {t['train_examples_per_run'] or 'all'} training pairs per run (a per-seed sample, the same "
              f"for every method with that seed), {t['max_train_steps'] or str(t['num_train_epochs']) + ' epochs'} "
              f"optimizer steps, batch {t['global_batch_size']} ({t['per_device_train_batch_size']} per process x "
-             f"{t['num_processes']} process(es) x {t['gradient_accumulation_steps']} accumulation), ranking length 2, "
+             f"{t['num_processes']} process(es) x {t['gradient_accumulation_steps']} accumulation), ranking length 2 "
+             f"(the human pair; a longer-ranking method's row gives its ranking_len and candidate settings), "
              f"block {t['block_size']}, AdamW, {t['lr_scheduler_type']} schedule, {t['warmup_steps']} warm-up steps, "
              f"gradient clipping {t['max_grad_norm']}, weights {t['torch_dtype']}, `{t['accelerate_config']}`.",
              f"- Selection: validation at step 0 and every {t['validation_every']} steps on the first "
@@ -374,6 +405,17 @@ def render_protocol(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> 
     lines += ["", "Hyperparameter names are those of `train/main.py` (learning_rate; dpo_beta: DPO beta; temperature: "
               "PRO temperature; reward_gap_threshold: tau; rank_margin: CLHA margin; sft_weight; "
               "sft_reward_threshold: the adaptive-SFT gate, -inf = always on; tau -1 = every pair kept).", ""]
+    for r in runs:
+        cs = r.get("candidates_summary")
+        if cs:
+            gap = cs.get("adjacent_reward_gap") or {}
+            lines.append(
+                f"- Rankings of {cs.get('n')} ({r['run']}): {cs.get('samples')} responses sampled for "
+                f"{cs.get('rows_in')} prompts, {cs.get('rows_out')} rows written "
+                f"({cs.get('rows_dropped_fewer_than_n')} dropped with fewer than {cs.get('n')} distinct candidates); "
+                f"a sample outranks the human chosen reply for {_pct(cs.get('sample_outranks_human_chosen'))} of "
+                f"the prompts and is the best candidate of {_pct(cs.get('best_is_policy'))} of the rows; median "
+                f"train_rm gap between adjacent ranks {gap.get('median', '?')}.")
     lines += [f"- Code: git commit(s) {', '.join(f'`{c}`' for c in commits)}.",
               f"- Machine(s): {'; '.join(machines)}."]
     if train_wall:

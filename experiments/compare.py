@@ -26,12 +26,16 @@ Stages, each idempotent (an interrupted command is simply run again):
    `--resume_from_checkpoint latest`; then `eval_hh/run_infer_main_dist.sh` on the first K test prompts of each
    subset, judged by `eval_rm`; then `results/<experiment>/runs/<run>.json` is written atomically. A run whose
    JSON exists and matches the current settings and fingerprints is skipped; one whose settings changed is
-   redone from scratch (its old checkpoints, logs and evaluation are removed first).
+   redone from scratch (its old checkpoints, logs and evaluation are removed first). A longer-ranking method
+   (`clha_n3`, `pro_n3`: `ranking_len` 3) trains on the same sample with one response of the untrained policy
+   added to each human pair (`train/hh_preprocess_data/step_2b_add_candidates.py`, settings `candidates`,
+   built once per seed and resumable), with the learning rate (and tau) dev chose for its n = 2 method.
 4. aggregation: `experiments/aggregate.py` writes `results/<experiment>/README.md` and `comparison.png`.
 
 Settings live in one dict per preset (`PRESETS`); `--set SECTION.KEY=VALUE` changes one (VALUE is parsed as JSON
 when it can be). The sections `policy`, `data`, `train` and `eval` are the protocol: every result records them
-and must match them to be reused. `paths` and `runtime` do not change results and are not compared.
+and must match them to be reused (a longer-ranking result also records the `candidates` settings that shape its
+training file). `paths` and `runtime` do not change results and are not compared.
 """
 
 from __future__ import annotations
@@ -66,10 +70,13 @@ SUBSETS: Tuple[str, ...] = ("harmless_base", "helpful_base", "helpful_online", "
 RESULT_FORMAT = "clha-comparison-run/1"
 SWEEP_FORMAT = "clha-comparison-sweep/1"
 DATA_FORMAT = "clha-comparison-data/1"
+CANDIDATES_FORMAT = "clha-comparison-candidates/1"
 PROTOCOL_SECTIONS = ("policy", "data", "train", "eval")
 BASE = "base"
 ABLATIONS = ("clha_nomask", "clha_nogate")
-RANKING_LEN = 2
+RANKING_LEN = 2            # the human pair; methods with "ranking_len" > 2 add responses sampled from the policy
+# Candidate settings a longer-ranking result depends on (the others only change how fast the file is built).
+CANDIDATE_KEYS = ("k", "temperature", "top_p", "max_new_tokens", "seed")
 # Method settings passed to train/main.py as --<key>=<value> (the rest of a method's dict is description).
 TRAIN_FLAGS = ("loss_type", "learning_rate", "dpo_beta", "temperature", "sft_weight", "rank_margin",
                "reward_gap_threshold", "sft_reward_threshold")
@@ -87,19 +94,25 @@ def _methods(lr: float) -> Dict[str, Dict[str, Any]]:
     """The compared methods with the paper's settings; `lr` for every trained method until tuned on dev."""
     clha = {"loss_type": "clha", "learning_rate": lr, "rank_margin": 3.0, "reward_gap_threshold": 0.2,
             "sft_weight": 0.05, "sft_reward_threshold": 0.0}
+    pro = {"loss_type": "pro", "learning_rate": lr, "temperature": 1.0, "sft_weight": 0.05}
     return {
         BASE: {"loss_type": None, "description": "the untrained policy, evaluated once"},
         "sft": {"loss_type": "sft", "learning_rate": lr, "description": "NLL of the best-ranked candidate"},
         "dpo": {"loss_type": "dpo", "learning_rate": lr, "dpo_beta": 0.1, "description": "DPO, frozen reference = base"},
         "rrhf": {"loss_type": "rrhf", "learning_rate": lr, "description": "RRHF ranking hinge + NLL (weight 1)"},
-        "pro": {"loss_type": "pro", "learning_rate": lr, "temperature": 1.0, "sft_weight": 0.05,
-                "description": "PRO with reward-difference temperatures + SFT"},
+        "pro": {**pro, "description": "PRO with reward-difference temperatures + SFT"},
         "clha": {**clha, "description": "CLHA: rescoring mask (tau) + pairwise contrastive loss + gated SFT"},
         # |r_k - r_l| >= 0 > -1 for every pair: the rescoring mask keeps every pair
         "clha_nomask": {**clha, "reward_gap_threshold": -1.0, "description": "CLHA without the rescoring mask"},
         # r_best > -inf for every finite reward: the SFT term is always on
         "clha_nogate": {**clha, "sft_reward_threshold": "-inf",
                         "description": "CLHA without the adaptive gate (SFT term always on)"},
+        # rankings of 3: the human pair plus responses sampled from the untrained policy (settings "candidates"),
+        # all ranked by train_rm; tuned as the n = 2 method (same learning rate and tau)
+        "clha_n3": {**clha, "ranking_len": 3,
+                    "description": "CLHA on rankings of 3 (human pair + a policy sample, ranked by train_rm)"},
+        "pro_n3": {**pro, "ranking_len": 3,
+                   "description": "PRO on rankings of 3 (human pair + a policy sample, ranked by train_rm)"},
     }
 
 
@@ -123,9 +136,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                  "reward_batch_size": 16, "block_size": 512, "reward_max_length": 1024, "dtype": "float32"},
         "seeds": [1, 2, 3],
         "ablation_seeds": [1, 2],
+        "longer_ranking_seeds": [1],
         "methods": _methods(2e-5),
         "sweep": {"tune": True, "learning_rates": [5e-6, 2e-5, 5e-5, 1e-4], "taus": [0.1, 0.2, 0.3], "dev_prompts": 96,
                   "max_new_tokens": 64, "seed": 1},
+        # extra candidates of the longer-ranking methods (train/hh_preprocess_data/step_2b_add_candidates.py on
+        # each seed's training sample): about 0.75 CPU-hours per 300 prompts at k = 2
+        "candidates": {"k": 2, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 128, "seed": 42,
+                       "num_processes": 2, "gen_batch_size": 8, "reward_batch_size": 16, "chunk_size": 25},
         "paths": {"shared_data": "../shared/data", "reward_models_dir": "resources/reward_models"},
         "runtime": {"unset_omp_num_threads": True, "keep_checkpoints": "best"},
     },
@@ -148,10 +166,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                  "reward_batch_size": 64, "block_size": 512, "reward_max_length": 1024, "dtype": "auto"},
         "seeds": [1, 2, 3, 4, 5],
         "ablation_seeds": [1, 2, 3],
+        "longer_ranking_seeds": [1, 2, 3],
         "methods": _methods(5e-6),
         "sweep": {"tune": True, "learning_rates": [2e-6, 5e-6, 1e-5, 2e-5], "taus": [0.1, 0.2, 0.3, 0.5],
                   "dev_prompts": 280,
                   "max_new_tokens": 128, "seed": 1},
+        "candidates": {"k": 2, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 128, "seed": 42,
+                       "num_processes": "all", "gen_batch_size": 32, "reward_batch_size": 64, "chunk_size": 64},
         "paths": {"shared_data": "../shared/data", "reward_models_dir": "resources/reward_models"},
         "runtime": {"unset_omp_num_threads": False, "keep_checkpoints": "best"},
     },
@@ -172,9 +193,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                  "reward_batch_size": 16, "block_size": 256, "reward_max_length": 256, "dtype": "float32"},
         "seeds": [1, 2],
         "ablation_seeds": [1],
+        "longer_ranking_seeds": [1],
         "methods": _methods(1e-3),
         "sweep": {"tune": False, "learning_rates": [1e-4, 1e-3], "taus": [0.1], "dev_prompts": 4, "max_new_tokens": 8,
                   "seed": 1},
+        "candidates": {"k": 2, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 8, "seed": 42,
+                       "num_processes": 1, "gen_batch_size": 8, "reward_batch_size": 16, "chunk_size": 4},
         "paths": {"shared_data": "../shared/data", "reward_models_dir": None},
         "runtime": {"unset_omp_num_threads": True, "keep_checkpoints": "best"},
     },
@@ -225,8 +249,9 @@ def resolve_settings(preset: str, overrides: Sequence[str] = (), seeds: Optional
     if seeds:
         s["seeds"] = list(seeds)
         s["ablation_seeds"] = list(seeds)
+        s["longer_ranking_seeds"] = list(seeds)
     gpus = None
-    for section in ("train", "eval"):
+    for section in ("train", "eval", "candidates"):
         if s[section]["num_processes"] == "all":
             gpus = _num_gpus() if gpus is None else gpus
             if gpus < 1:
@@ -254,8 +279,17 @@ def protocol(settings: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def method_settings(settings: Dict[str, Any], method: str) -> Dict[str, Any]:
-    """A method's settings as results record them (without its description)."""
-    return {k: v for k, v in settings["methods"][method].items() if k != "description"}
+    """A method's settings as results record them (without its description; a longer-ranking method with the
+    candidate settings its training file depends on)."""
+    out = {k: v for k, v in settings["methods"][method].items() if k != "description"}
+    if ranking_len(settings, method) > RANKING_LEN:
+        out["candidates"] = {k: settings["candidates"][k] for k in CANDIDATE_KEYS}
+    return out
+
+
+def ranking_len(settings: Dict[str, Any], method: str) -> int:
+    """Candidates per training example of a method (2: the human pair)."""
+    return int(settings["methods"][method].get("ranking_len", RANKING_LEN))
 
 
 def run_name(method: str, seed: Optional[int]) -> str:
@@ -263,17 +297,21 @@ def run_name(method: str, seed: Optional[int]) -> str:
 
 
 def planned_runs(settings: Dict[str, Any], methods: Sequence[str]) -> List[Tuple[str, Optional[int]]]:
-    """(method, seed) in execution order: base once, then seed by seed every main method, then the ablations."""
+    """(method, seed) in execution order: base once, then seed by seed every main method, then the ablations, then
+    the longer-ranking methods."""
     unknown = [m for m in methods if m not in settings["methods"]]
     if unknown:
         raise HarnessError(f"unknown method(s) {unknown}; known: {', '.join(settings['methods'])}")
     runs: List[Tuple[str, Optional[int]]] = [(BASE, None)] if BASE in methods else []
-    main = [m for m in methods if m != BASE and m not in ABLATIONS]
+    longer = [m for m in methods if m != BASE and ranking_len(settings, m) > RANKING_LEN]
+    main = [m for m in methods if m != BASE and m not in ABLATIONS and m not in longer]
     ablations = [m for m in methods if m in ABLATIONS]
     for seed in settings["seeds"]:
         runs += [(m, seed) for m in main]
     for seed in settings["ablation_seeds"]:
         runs += [(m, seed) for m in ablations]
+    for seed in settings["longer_ranking_seeds"]:
+        runs += [(m, seed) for m in longer]
     return runs
 
 
@@ -435,6 +473,7 @@ class Harness:
         self.fingerprints: Dict[str, str] = {}
         self.data_summary: Dict[str, Any] = {}
         self.tuning: Dict[str, Dict[str, Any]] = {}     # method -> settings chosen on dev (apply_tuning)
+        self.candidate_summaries: Dict[Tuple[int, int], Dict[str, Any]] = {}   # (seed, n) -> step 2b's summary
         # the methods' settings before tuning: what the sweep starts from (apply_tuning changes settings["methods"])
         self.preset_methods = copy.deepcopy(settings["methods"])
 
@@ -627,6 +666,60 @@ class Harness:
             handle.writelines(lines[i] for i in chosen)
         return path
 
+    def longer_subset(self, seed: int, n: int) -> Path:
+        """The training sample of `seed` with rankings of `n`: step 2b samples settings.candidates.k responses per
+        prompt from the untrained policy, train_rm scores every candidate, and each row keeps the human pair plus
+        the first samples drawn, best first. Resumable (step 2b's chunks); rebuilt when the candidate settings, the
+        policy, train_rm or the sample change."""
+        base = self.train_subset(seed)
+        out = base.with_name(f"{base.stem}_len{n}.json")
+        record_path = out.with_name(out.name + ".record.json")
+        c = self.settings["candidates"]
+        key = {"format": CANDIDATES_FORMAT, "n": n, "candidates": {k: c[k] for k in CANDIDATE_KEYS},
+               "policy": self.fingerprints["policy"], "train_rm": self.fingerprints["train_rm"],
+               "sample": files_fingerprint([base])}
+        record = read_json(record_path)
+        if result_matches(record, key) and out.is_file():
+            self.candidate_summaries[(seed, n)] = record["summary"]
+            return out
+        if record_path.exists() or out.exists():
+            logger.info("candidates: %s was built with other settings, building it again", out.name)
+            record_path.unlink(missing_ok=True)
+            out.unlink(missing_ok=True)
+        policy, gguf = self.policy_location()
+        work = out.with_name(out.name + ".work")
+        step = [str(REPO / "train" / "hh_preprocess_data" / "step_2b_add_candidates.py"),
+                "--in_file", base, "--out_file", out, "--work_dir", work, "--n", n, "--k", c["k"],
+                "--model_path", policy, "--reward_model", self.reward_model_path("train_rm"),
+                "--temperature", c["temperature"], "--top_p", c["top_p"], "--seed", c["seed"],
+                "--max_new_tokens", c["max_new_tokens"], "--block_size", self.settings["train"]["block_size"],
+                "--gen_batch_size", c["gen_batch_size"], "--reward_batch_size", c["reward_batch_size"],
+                "--reward_max_length", self.settings["data"]["reward_max_length"], "--chunk_size", c["chunk_size"],
+                "--dtype", self.settings["train"]["torch_dtype"], "--step1_dir", self.data_dir / "preprocessed"]
+        if gguf:
+            step += ["--gguf_file", gguf]
+        env = dict(self.env)
+        if c["num_processes"] > 1:
+            if _num_gpus() == 0:
+                env["ACCELERATE_USE_CPU"] = "true"     # CPU processes wait for each other before the merge
+            cmd = [_accelerate(), "launch", "--num_processes", str(c["num_processes"]), "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", *step]
+        else:
+            cmd = [sys.executable, *step]
+        logger.info("candidates: sampling %d response(s) per prompt of %s for rankings of %d", c["k"], base.name, n)
+        run_command(cmd, env, self.logs_root / "candidates" / f"{out.stem}.log")
+        summary = read_json(work / "summary.json")
+        if summary is None or not out.is_file():
+            raise HarnessError(f"{out}: step 2b finished without its output or {work}/summary.json")
+        with atomic_write(record_path) as handle:
+            json.dump({**key, "summary": summary}, handle, indent=2)
+        self.candidate_summaries[(seed, n)] = summary
+        return out
+
+    def run_train_file(self, method: str, seed: int) -> Path:
+        n = ranking_len(self.settings, method)
+        return self.train_subset(seed) if n <= RANKING_LEN else self.longer_subset(seed, n)
+
     # ------------------------------------------------------------------------------------------ stage 3
     def run_key(self, method: str, seed: Optional[int]) -> Dict[str, Any]:
         """What a stored result must match to be reused."""
@@ -701,12 +794,13 @@ class Harness:
         policy, gguf = self.policy_location()
         cmd = [_accelerate(), "launch", "--config_file", str(REPO / t["accelerate_config"]),
                "--num_processes", str(t["num_processes"]), str(REPO / "train" / "main.py"),
-               "--task", "hh", "--train_file_path", str(self.train_subset(seed)),
+               "--task", "hh", "--train_file_path", str(self.run_train_file(method, seed)),
                "--validation_file_path", str(self.data_files()["dev"].parent),
                "--validation_file_name", self.data_files()["dev"].name,
                "--output_dir", str(ckpt), "--log_path", str(logs), "--index", run_name(method, seed),
                "--seed", str(seed), "--num_train_epochs", str(t["num_train_epochs"]),
-               "--training_stage_num", str(RANKING_LEN), "--block_size", str(t["block_size"]),
+               "--training_stage_num", str(ranking_len({"methods": {method: m}}, method)),
+               "--block_size", str(t["block_size"]),
                "--per_device_train_batch_size", str(t["per_device_train_batch_size"]),
                "--gradient_accumulation_steps", str(t["gradient_accumulation_steps"]),
                "--per_device_eval_batch_size", str(t["validation_batch_size"]),
@@ -794,6 +888,8 @@ class Harness:
                                 os.path.relpath(model_path, self.ckpt_root)),
             "data_summary": self.data_summary,
             "tuning": self.tuning.get(method),
+            "candidates_summary": (self.candidate_summaries.get((seed, ranking_len(self.settings, method)))
+                                   if method != BASE and ranking_len(self.settings, method) > RANKING_LEN else None),
             "training": training,
             "evaluation": {"wall_s": round(eval_wall_s, 1), "num_prompts": len(rows),
                            "eval_reward_model": report.get("eval_reward_model"),
@@ -815,8 +911,13 @@ class Harness:
 
     # ------------------------------------------------------------------------------------------ sweep
     def tuned_from(self, method: str) -> str:
-        """The method whose sweep sets this one's learning rate (and tau): itself, or CLHA for its ablations."""
-        return "clha" if method in ABLATIONS else method
+        """The method whose sweep sets this one's learning rate (and tau): itself, CLHA for its ablations, the
+        n = 2 method for a longer-ranking one (clha_n3 -> clha)."""
+        if method in ABLATIONS:
+            return "clha"
+        if self.preset_methods.get(method, {}).get("ranking_len", RANKING_LEN) > RANKING_LEN:
+            return method.rsplit("_n", 1)[0]
+        return method
 
     def sweep(self, methods: Sequence[str]) -> List[Dict[str, Any]]:
         """Dev-only tuning of every trained method (ablations are tuned with CLHA): stage A trains each method once
@@ -829,15 +930,41 @@ class Harness:
             t = self.tuned_from(method)
             if method != BASE and t not in tuned:
                 tuned.append(t)
-        records = []
+        records: List[Dict[str, Any]] = []
+        planned = sum(len(sw["learning_rates"]) + (len([t for t in sw["taus"] if t != self.preset_methods[m].get(
+            "reward_gap_threshold")]) if self.preset_methods[m].get("loss_type") == "clha" else 0) for m in tuned)
+
+        def point(method: str, lr: float, tau: Optional[float]) -> Dict[str, Any]:
+            record = self.sweep_one(method, lr, tau, sw["seed"])
+            records.append(record)
+            self.write_sweep_readme(records, planned)     # the table grows point by point
+            return record
+
         for method in tuned:
             preset_tau = self.preset_methods[method].get("reward_gap_threshold")
-            stage_a = [self.sweep_one(method, lr, preset_tau, sw["seed"]) for lr in sw["learning_rates"]]
-            records += stage_a
+            stage_a = [point(method, lr, preset_tau) for lr in sw["learning_rates"]]
             if self.preset_methods[method].get("loss_type") == "clha":
                 best_lr = best_sweep_record(stage_a)["method_settings"]["learning_rate"]
-                records += [self.sweep_one(method, best_lr, tau, sw["seed"]) for tau in sw["taus"] if tau != preset_tau]
+                for tau in sw["taus"]:
+                    if tau != preset_tau:
+                        point(method, best_lr, tau)
         return records
+
+    def write_sweep_readme(self, records: Sequence[Dict[str, Any]], planned: int) -> None:
+        """results/<experiment>/sweep/README.md: the finished points of the dev sweep and how many are left."""
+        from experiments import aggregate
+
+        sw = self.settings["sweep"]
+        left = planned - len(records)
+        with atomic_write(self.results / "sweep" / "README.md") as handle:
+            handle.write(f"# Dev-only sweep: {self.experiment}\n\nTrain reward model's mean sigmoid on the first "
+                         f"{sw['dev_prompts']} dev prompts (no test data), at the last of "
+                         f"{self.settings['train']['max_train_steps']} steps; one seed ({sw['seed']}). Stage A: each "
+                         f"learning rate at the method's preset settings; stage B (CLHA): each tau at stage A's best "
+                         f"learning rate. The ablations and the longer-ranking methods use the choice of the method "
+                         f"they derive from. Written by `experiments/compare.py` after every point.\n\n"
+                         + (f"**{left} of {planned} points still to run.**\n\n" if left > 0 else "")
+                         + aggregate.sweep_table(records) + "\n")
 
     def sweep_point_path(self, method: str, lr: float, tau: Optional[float], seed: int) -> Path:
         name = f"{method}_lr{lr:g}" + ("" if tau is None else f"_tau{tau:g}") + f"_s{seed}"
@@ -1056,15 +1183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tune = settings["sweep"]["tune"] and not args.no_tune
             if args.sweep or tune:
                 records = harness.sweep([m for m in methods if m != BASE])
-                table = aggregate.sweep_table(records)
-                with atomic_write(harness.results / "sweep" / "README.md") as handle:
-                    handle.write(f"# Dev-only sweep: {harness.experiment}\n\nTrain reward model's mean sigmoid on "
-                                 f"the first {settings['sweep']['dev_prompts']} dev prompts (no test data), at the "
-                                 f"last of {settings['train']['max_train_steps']} steps; one seed "
-                                 f"({settings['sweep']['seed']}). Stage A: each learning rate at the method's preset "
-                                 f"settings; stage B (CLHA): each tau at stage A's best learning rate. The ablations "
-                                 f"use CLHA's choice.\n\n" + table + "\n")
-                print(table)
+                print(aggregate.sweep_table(records))
                 if args.sweep:
                     return 0
             if tune:

@@ -188,6 +188,37 @@ def test_write_report_makes_readme_summary_and_chart(tmp_path, runs):
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_longer_rankings_are_compared_with_their_n2_method_paired_per_prompt(tmp_path, runs, monkeypatch):
+    # clha_n3 (one seed) against clha's two seeds; clha's seed mean per prompt is [55, 45, 65, 75, 85, 95]
+    monkeypatch.setitem(WORDS, ("clha_n3", 1), [30] * 6)
+    monkeypatch.setitem(AT_LIMIT, ("clha_n3", 1), [0] * 6)
+    n3 = make_run("clha_n3", 1, rewards=[60, 50, 70, 70, 90, 90],
+                  candidates_summary={"n": 3, "samples": 12, "rows_in": 6, "rows_out": 6,
+                                      "rows_dropped_fewer_than_n": 0, "sample_outranks_human_chosen": 0.5,
+                                      "best_is_policy": 0.25, "adjacent_reward_gap": {"median": 0.15}})
+    assert agg.shorter_counterpart("clha_n3", ["clha", "clha_n3"]) == "clha"
+    assert agg.shorter_counterpart("clha_n3", ["sft", "clha_n3"]) is None       # no n = 2 run: no comparison
+    assert agg.shorter_counterpart("clha_nomask", ["clha", "clha_nomask"]) is None
+    summary = agg.summarise(runs + [n3], n_boot=200)
+    longer = summary["longer_rankings"]
+    assert list(longer) == ["clha_n3"] and longer["clha_n3"]["against"] == "clha"
+    # harmless: 60 - 55 = 5; helpful: (70 + 90 + 90) / 3 - 85 = -5/3; total: 430 / 6 - 70 = 5/3
+    assert longer["clha_n3"]["reward"]["harmless_base"][0] == pytest.approx(5.0)
+    assert longer["clha_n3"]["reward"]["helpful_base"][0] == pytest.approx(-5 / 3)
+    assert longer["clha_n3"]["reward"]["total"][0] == pytest.approx(5 / 3)
+    assert longer["clha_n3"]["bleu"]["total"][0] == pytest.approx(0.5 / 3)
+    lo, hi = longer["clha_n3"]["reward"]["total"][1:]
+    assert lo <= 5 / 3 <= hi
+    # it also sits in the table after the ablations, with CLHA minus it among the differences
+    assert list(summary["methods"]) == ["sft", "clha", "clha_n3"]
+    assert summary["differences"]["clha_n3"]["reward"]["total"][0] == pytest.approx(-5 / 3)
+    write_runs(tmp_path, runs + [n3])
+    agg.write_report(tmp_path, n_boot=100)
+    text = (tmp_path / "README.md").read_text()
+    assert "## Longer rankings" in text and "| CLHA, rankings of 3 | CLHA | +5.00 [" in text
+    assert "a sample outranks the human chosen reply for 50.0% of the prompts" in text
+
+
 # ------------------------------------------------------------------------------------------------ the harness
 @pytest.fixture
 def harness(tmp_path):
@@ -324,6 +355,9 @@ def test_dev_sweep_tunes_lr_then_clha_tau_and_the_runs_use_the_choice(harness):
         point = (method, ms["learning_rate"], ms.get("reward_gap_threshold"))
         trained.append(point)
         assert overrides["validation_prompts"] == s["sweep"]["dev_prompts"] and seed == s["sweep"]["seed"]
+        if len(trained) == 2:       # the sweep's README already shows the first point and what is left
+            text = (harness.results / "sweep" / "README.md").read_text()
+            assert "7 of 8 points still to run" in text and "| sft_lr0.0001_s1 | 0.0001 |" in text
         return {"validation": [{"step": 0, "dev_reward": 0.45}, {"step": 4, "dev_reward": dev[point]}]}
 
     harness.train = train
@@ -334,6 +368,8 @@ def test_dev_sweep_tunes_lr_then_clha_tau_and_the_runs_use_the_choice(harness):
                        ("clha", 1e-4, 0.2), ("clha", 1e-3, 0.2), ("clha", 1e-2, 0.2),
                        ("clha", 1e-4, 0.1), ("clha", 1e-4, 0.5)]          # tau stage at clha's best rate, 1e-4
     assert len(records) == 8 and (harness.results / "sweep" / "clha_lr0.0001_tau0.5_s1.json").is_file()
+    text = (harness.results / "sweep" / "README.md").read_text()
+    assert "still to run" not in text and "- clha: learning_rate 0.0001, reward_gap_threshold 0.5" in text
     assert harness.sweep(["sft", "clha"]) == records and len(trained) == 8   # finished points are read back
 
     chosen = harness.apply_tuning(["base", "sft", "clha", "clha_nomask", "clha_nogate"])
@@ -357,6 +393,82 @@ def test_dev_sweep_tunes_lr_then_clha_tau_and_the_runs_use_the_choice(harness):
     assert "--learning_rate=0.001" in cmd and "--append_eos" in cmd
 
 
+def test_longer_ranking_methods_train_on_sampled_candidates_with_the_n2_choice(harness, monkeypatch):
+    """clha_n3 / pro_n3: planned after the ablations, tuned as clha / pro, trained at n = 3 on the seed's sample
+    with candidates added by step 2b (built once, rebuilt when the candidate settings change), and their results
+    record the candidate settings and step 2b's summary."""
+    s = harness.settings
+    runs = compare.planned_runs(s, ["clha_n3", "base", "clha", "pro_n3", "clha_nogate"])
+    assert runs == [("base", None), ("clha", 1), ("clha", 2), ("clha_nogate", 1), ("clha_n3", 1), ("pro_n3", 1)]
+    assert [harness.tuned_from(m) for m in ("clha_n3", "pro_n3", "clha_nomask", "sft")] == \
+        ["clha", "pro", "clha", "sft"]
+    assert compare.ranking_len(s, "clha_n3") == 3 and compare.ranking_len(s, "clha") == 2
+    key = harness.run_key("clha_n3", 1)
+    assert key["method_settings"]["candidates"] == {"k": 2, "temperature": 1.0, "top_p": 0.95,
+                                                    "max_new_tokens": 8, "seed": 42}
+    assert "candidates" not in harness.run_key("clha", 1)["method_settings"]
+    clha_key = harness.run_key("clha", 1)
+    s["candidates"]["k"] = 3
+    assert harness.run_key("clha_n3", 1) != key and harness.run_key("clha", 1) == clha_key
+    s["candidates"]["k"] = 2
+
+    base = harness.data_dir / "train_subsets" / "n8_seed1.json"
+    base.parent.mkdir(parents=True)
+    base.write_text('{"prefix": [["a"], ["b"]], "suffix": ["x", "y"], "reward": [1.0, 0.0], "sft_index": 0}\n')
+    monkeypatch.setattr(harness, "train_subset", lambda seed: base)
+    monkeypatch.setattr(harness, "policy_location", lambda: (Path("policy"), None))
+    steps = []
+
+    def fake_step(cmd, env, log_path=None, cwd=None):
+        args = [str(c) for c in cmd]
+        steps.append(args)
+        value = {flag: args[i + 1] for i, flag in enumerate(args[:-1]) if flag.startswith("--")}
+        Path(value["--out_file"]).write_text("rows of 3\n")
+        (Path(value["--work_dir"])).mkdir(parents=True, exist_ok=True)
+        (Path(value["--work_dir"]) / "summary.json").write_text(json.dumps({"n": 3, "k": int(value["--k"])}))
+
+    monkeypatch.setattr(compare, "run_command", fake_step)
+    cmd = harness.train_command("clha_n3", 1, Path("ckpt"), Path("logs"))
+    assert cmd[cmd.index("--training_stage_num") + 1] == "3"
+    train_file = Path(cmd[cmd.index("--train_file_path") + 1])
+    assert train_file.name == "n8_seed1_len3.json" and train_file.read_text() == "rows of 3\n"
+    (step,) = steps
+    assert step[step.index("--in_file") + 1] == str(base) and step[step.index("--n") + 1] == "3"
+    assert step[step.index("--reward_model") + 1] == str(harness.reward_model_path("train_rm"))
+    assert step[step.index("--top_p") + 1] == "0.95" and "--step1_dir" in step
+    # built once: a second run (another method, same seed) reuses it; other candidate settings rebuild it
+    harness.train_command("pro_n3", 1, Path("ckpt"), Path("logs"))
+    assert len(steps) == 1
+    s["candidates"]["k"] = 3
+    harness.train_command("clha_n3", 1, Path("ckpt"), Path("logs"))
+    assert len(steps) == 2 and steps[1][steps[1].index("--k") + 1] == "3"
+    assert harness.candidate_summaries[(1, 3)] == {"n": 3, "k": 3}
+    # the n = 2 method is untouched
+    cmd2 = harness.train_command("clha", 1, Path("ckpt"), Path("logs"))
+    assert cmd2[cmd2.index("--training_stage_num") + 1] == "2" and cmd2[cmd2.index("--train_file_path") + 1] == str(base)
+
+
+def test_longer_ranking_methods_take_the_tuning_of_their_n2_method(harness):
+    s = harness.settings
+    s["sweep"].update({"learning_rates": [1e-4, 1e-3], "taus": [0.1]})
+    dev = {("clha", 1e-4, 0.2): 0.50, ("clha", 1e-3, 0.2): 0.52, ("clha", 1e-3, 0.1): 0.55,
+           ("pro", 1e-4, None): 0.49, ("pro", 1e-3, None): 0.41}
+    trained = []
+
+    def train(method, seed, ckpt, logs, key, overrides=None, method_override=None):
+        point = (method, method_override["learning_rate"], method_override.get("reward_gap_threshold"))
+        trained.append(point)
+        return {"validation": [{"step": 0, "dev_reward": 0.45}, {"step": 4, "dev_reward": dev[point]}]}
+
+    harness.train = train
+    harness.sweep(["clha_n3", "pro_n3"])
+    assert sorted({m for m, _, _ in trained}) == ["clha", "pro"]          # no sweep of their own
+    chosen = harness.apply_tuning(["clha_n3", "pro_n3"])
+    assert s["methods"]["clha_n3"]["learning_rate"] == 1e-3 and s["methods"]["clha_n3"]["reward_gap_threshold"] == 0.1
+    assert s["methods"]["clha_n3"]["ranking_len"] == 3 and chosen["clha_n3"]["from"] == "clha"
+    assert s["methods"]["pro_n3"]["learning_rate"] == 1e-4 and chosen["pro_n3"]["from"] == "pro"
+
+
 def test_the_best_sweep_point_is_the_highest_dev_reward_first_of_equals():
     rec = [{"run": "a", "dev_reward_end": 0.5}, {"run": "b", "dev_reward_end": None},
            {"run": "c", "dev_reward_end": 0.6}, {"run": "d", "dev_reward_end": 0.6}]
@@ -370,7 +482,8 @@ def test_the_best_sweep_point_is_the_highest_dev_reward_first_of_equals():
 @pytest.mark.skipif(not os.environ.get("CLHA_COMPARISON_E2E"),
                     reason="takes several minutes on 2 cores; set CLHA_COMPARISON_E2E=1 to run it")
 def test_the_tiny_preset_runs_end_to_end_and_resumes(tmp_path, shared_data, capsys):
-    argv = ["--preset", "tiny", "--methods", "base", "clha_nogate", "--seeds", "1", "--work-dir", str(tmp_path),
+    argv = ["--preset", "tiny", "--methods", "base", "clha_nogate", "clha_n3", "--seeds", "1", "--work-dir",
+            str(tmp_path),
             "--results-dir", str(tmp_path / "results"), "--set", f"paths.shared_data={shared_data}"]
     assert compare.main(argv) == 0
     result = compare.read_json(tmp_path / "results" / "tiny" / "runs" / "clha_nogate_s1.json")
@@ -379,8 +492,13 @@ def test_the_tiny_preset_runs_end_to_end_and_resumes(tmp_path, shared_data, caps
     assert result["training"]["steps"] == 4 and result["training"]["best_checkpoint"].startswith("step_")
     ckpt = tmp_path / "checkpoints" / "comparison" / "tiny" / "clha_nogate_s1"
     assert not (ckpt / "train_state").exists()                 # pruned after the result was written
+    n3 = compare.read_json(tmp_path / "results" / "tiny" / "runs" / "clha_n3_s1.json")
+    assert n3["method_settings"]["ranking_len"] == 3 and n3["candidates_summary"]["n"] == 3
+    assert n3["candidates_summary"]["rows_in"] == n3["candidates_summary"]["rows_out"] + \
+        n3["candidates_summary"]["rows_dropped_fewer_than_n"]
     readme = (tmp_path / "results" / "tiny" / "README.md").read_text()
-    assert "CLHA w/o adaptive gate" in readme
+    assert "CLHA w/o adaptive gate" in readme and "## Longer rankings" not in readme   # no clha run to compare with
+    assert "CLHA, rankings of 3" in readme
     capsys.readouterr()
     assert compare.main(argv) == 0                              # everything current: nothing runs
     assert "launch" not in capsys.readouterr().out
