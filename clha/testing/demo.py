@@ -192,11 +192,7 @@ def run(out_dir: str = "demo_out", seed: int = 42, quick: bool = False) -> Dict:
     paths = build_data(out, seed, log)
     common = dict(block_size=256, per_device_train_batch_size=8, gradient_accumulation_steps=1, seed=seed,
                   model_name_or_path=None, do_train=True, lr_scheduler_type="constant", max_grad_norm=1.0,
-                  save_epoch_checkpoints=False, per_device_eval_batch_size=40, max_new_tokens=40,
-                  # The toy task trains on the reply text alone. Measured with --quick, seed 42: with EOS appended
-                  # the 30-step CLHA stage collapses to a reply fragment ("course.") followed by EOS (dev reward
-                  # 0.0004 -> 0.037); without it 0.0004 -> 0.90. Real runs keep the default (--append_eos).
-                  append_eos=False)
+                  save_epoch_checkpoints=False, per_device_eval_batch_size=40, max_new_tokens=40)
     sft = TrainConfig(**{**common, "model_name_or_path": paths["base"]}, loss_type="sft", training_stage_num=1,
                       train_file_path=paths["sft"], learning_rate=3e-3, num_train_epochs=100,
                       max_train_steps=40 if quick else 150, checkpointing_step=10_000,
@@ -207,9 +203,12 @@ def run(out_dir: str = "demo_out", seed: int = 42, quick: bool = False) -> Dict:
     clha = TrainConfig(**{**common, "model_name_or_path": str(sft_ckpt)}, loss_type="clha", training_stage_num=2,
                        train_file_path=paths["clha"], validation_file_path=str(Path(paths["dev"]).parent),
                        validation_file_name=Path(paths["dev"]).name, do_validation=True,
-                       reward_model=paths["reward_model"], learning_rate=3e-4, num_train_epochs=100,
+                       # A strong imitation term (sft_weight 0.5, not 0.05): on this tiny policy the pairwise term
+                       # alone mostly pushes the rude replies' tokens down, which wrecks its language (greedy replies
+                       # shrink to fragments such as "course." + EOS). lr 1e-3 lets 30 steps reach a full reply.
+                       reward_model=paths["reward_model"], learning_rate=1e-3, num_train_epochs=100,
                        max_train_steps=30 if quick else 100, checkpointing_step=10,
-                       rank_margin=1.0, reward_gap_threshold=1.0, sft_weight=0.05,
+                       rank_margin=1.0, reward_gap_threshold=1.0, sft_weight=0.5,
                        output_dir=str(out / "checkpoints" / "clha"), log_path=str(out / "logs" / "clha"))
     log("CLHA training with validation ...")
     summary = run_training(clha)
