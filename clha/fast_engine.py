@@ -7,7 +7,10 @@ the ids into text. What it does (see also the module doc of `clha.generation`):
   computed);
 - when a quarter of the rows have finished (EOS, a stop string or the token limit), they are dropped and the next
   prompts are prefilled into their places, so the batch stays full until the prompts run out;
-- the KV cache is preallocated and written in place instead of being concatenated at every step.
+- the KV cache is preallocated and written in place instead of being concatenated at every step;
+- a decode step does little besides the model's forward: the attention mask of every step until the next refill is
+  a slice of one tensor built at the refill, positions advance by a per-slot tensor kept on the device, and the new
+  tokens are the one thing copied to the host (for EOS, the stop-string check and the results).
 
 Supported models: a decoder whose `DynamicCache` holds plain full-attention layers (Llama, Mistral without sliding
 window, Qwen2, GPT-NeoX, GPT-2 ...), with all its weights on this rank (`fast_engine_supported`).
@@ -119,16 +122,17 @@ def _preallocated_layer_class():
             return buf
 
         def _views(self) -> None:
-            self.keys = self._k[:, :, :self.length]
-            self.values = self._v[:, :, :self.length]
+            # narrow: a view like [:, :, :length] without parsing an index tuple (this runs per layer and step)
+            self.keys = self._k.narrow(2, 0, self.length)
+            self.values = self._v.narrow(2, 0, self.length)
 
         def update(self, key_states, value_states, *args, **kwargs):
             new = key_states.shape[-2]
             if self.length + new > self._k.shape[-2]:          # more than planned: grow (not hit by _fast_generate)
                 capacity = 2 * (self.length + new)
                 self._k, self._v = self._buffer(self.keys, capacity), self._buffer(self.values, capacity)
-            self._k[:, :, self.length:self.length + new] = key_states
-            self._v[:, :, self.length:self.length + new] = value_states
+            self._k.narrow(2, self.length, new).copy_(key_states)
+            self._v.narrow(2, self.length, new).copy_(value_states)
             self.length += new
             self._views()
             return self.keys, self.values
@@ -227,11 +231,15 @@ def fast_generate(model, rows: List[List[int]], pad_id: int, eos_ids: Sequence[i
     slot_row: List[int] = []          # input row held by each cache row
     slot_live: List[bool] = []
     cache, width, pending = None, 0, 0
-    filled = positions = next_tokens = None   # per slot: cache columns used, next position id, token to consume
+    filled: List[int] = []            # per slot: cache columns used at the last rebuild (+ `steps` since)
+    steps = 0                         # decode steps since the last rebuild
+    positions = next_tokens = None    # per slot (on the device): next position id, token to consume
+    advance = mask = None             # per slot: 1 while live (added to its position), attention mask columns
 
     def finish(slot: int, stop: str) -> None:
         row = slot_row[slot]
         slot_live[slot] = False
+        advance[slot] = 0             # its position stays; a write on the device, no copy from the host
         results[row] = (generated[row], stop)
         if on_finish is not None:
             on_finish()
@@ -251,18 +259,24 @@ def fast_generate(model, rows: List[List[int]], pad_id: int, eos_ids: Sequence[i
             else:
                 first, parts = next_tokens[:0], []
             keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-            new_len = torch.tensor([len(rows[r]) for r in new], dtype=torch.long, device=device)
-            kept_filled = filled[keep_t] if keep else new_len[:0]
-            new_width = max(int(kept_filled.max()) if keep else 0, int(new_len.max()) if new else 0)
-            cache = _rebuild_cache(model, cache, width, keep_t, parts, new_width, new_width + max_new_tokens)
-            width = new_width
-            filled = torch.cat([kept_filled, new_len])
-            positions = torch.cat([positions[keep_t] if keep else new_len[:0], new_len])
+            new_len = [len(rows[r]) for r in new]
+            filled = [filled[j] + steps for j in keep] + new_len
+            new_width = max(filled)
+            capacity = new_width + max_new_tokens
+            cache = _rebuild_cache(model, cache, width, keep_t, parts, new_width, capacity)
+            width, steps = new_width, 0
+            filled_t = torch.tensor(filled, dtype=torch.long, device=device)
+            new_len_t = filled_t[len(keep):]
+            positions = torch.cat([positions[keep_t] if keep else new_len_t[:0], new_len_t])
             next_tokens = torch.cat([next_tokens[keep_t] if keep else first[:0], first])
             slot_row = [slot_row[j] for j in keep] + new
             slot_live = [True] * len(slot_row)
+            advance = torch.ones(len(slot_row), dtype=torch.long, device=device)
+            # A slot's tokens are its last `filled` columns at `width`, and every later column (one per step, for
+            # every slot, live or not) holds a token: the mask of each step until the next rebuild is a prefix.
+            mask = (torch.arange(capacity + 1, device=device)[None, :] >= (width - filled_t)[:, None]).long()
 
-        # Consume the token each live slot has just produced.
+        # Consume the token each live slot has just produced (the one copy to the host of a step).
         for j, token in enumerate(next_tokens.tolist()):
             if not slot_live[j]:
                 continue
@@ -281,14 +295,14 @@ def fast_generate(model, rows: List[List[int]], pad_id: int, eos_ids: Sequence[i
             continue
 
         # One decode step for every slot; finished slots keep their position and compute on, unused.
-        live_t = torch.tensor(slot_live, device=device)
-        mask = torch.arange(width + 1, device=device)[None, :] >= (width - filled)[:, None]
-        out = model(input_ids=next_tokens[:, None], attention_mask=mask.long(), position_ids=positions[:, None],
-                    use_cache=True, **{cache_arg: cache}, **extra)
+        if width + 1 > mask.shape[1]:       # more steps than planned (not hit: a row ends within max_new_tokens)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], width + 1 - mask.shape[1]))], dim=1)
+        out = model(input_ids=next_tokens[:, None], attention_mask=mask[:, :width + 1],
+                    position_ids=positions[:, None], use_cache=True, **{cache_arg: cache}, **extra)
         next_tokens = pick(out.logits[:, -1], slot_row)
         width += 1
-        filled = filled + 1
-        positions = positions + live_t.long()
+        steps += 1
+        positions = positions + advance
     return results  # type: ignore[return-value]
 
 

@@ -24,6 +24,8 @@ padding. Two engines give the same tokens:
   generated tokens of each row); a batch stops when every row has finished. Used for any other model, and for a
   model whose parameters are ZeRO-3 placeholders (DeepSpeed partitions them and gathers them inside each forward;
   `model.generate` keeps the ranks' forwards in step), which the fast engine does not handle.
+Both engines look for a stop string only in a row whose new token writes a ':' (`StopTokens`): every stop string
+ends with one, so at any other step the decoded tail cannot hold a new one, and nothing is decoded.
 Results come back in input order. In float32 they do not depend on the batch size or the engine (up to
 floating-point ties). In bf16 / fp16 they can: padding and batch composition change how the logits are rounded,
 so an arg-max between two near-tied tokens can flip and the rest of that response differ. Compare generations of
@@ -85,26 +87,69 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+class StopTokens:
+    """Which tokens can complete a stop string: those whose own text holds a ':' (every stop string ends with one).
+
+    A stop string is new in a row's decoded tail only once a token that writes its ':' has been appended: text
+    before that ':' is final by then, and sliding the tail window only drops text on the left. (A ':' in decoded text
+    comes from the one token whose own decoding holds it, with byte-level BPE, SentencePiece and WordPiece
+    tokenizers alike.) So rows whose new tokens hold no ':' are not decoded at all. A token's text is decoded the
+    first time it is seen (special tokens as nothing, as the stop check reads them).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._colon = {}      # token id -> whether its decoded text holds a ':'
+
+    def could_complete(self, token: int) -> bool:
+        hit = self._colon.get(token)
+        if hit is None:
+            try:
+                hit = ":" in self.tokenizer.decode([token], skip_special_tokens=True)
+            except Exception:   # noqa: BLE001 - an id the tokenizer cannot decode: leave it to the exact check
+                hit = True
+            self._colon[token] = hit
+        return hit
+
+    def stopped(self, ids: Sequence[int]) -> bool:
+        """`_stopped(tokenizer, ids)` for ids that grow by one token per call (the fast engine's stop check)."""
+        return bool(ids) and self.could_complete(ids[-1]) and _stopped(self.tokenizer, ids)
+
+
 class StopOnStrings:
     """A stopping criterion: a row is finished once its generated part contains "Human:" / "Assistant:".
 
-    Only the last `_TAIL_TOKENS` generated tokens of unfinished rows are decoded at each step; a finished row
-    stays finished (generate pads it from then on). Duck-types `transformers.StoppingCriteria`.
+    Only the last `_TAIL_TOKENS` generated tokens of unfinished rows are decoded, and only at a step whose new tokens
+    could complete a stop string (`StopTokens`; else the tail cannot hold a new one); a finished row stays finished
+    (generate pads it from then on). Duck-types `transformers.StoppingCriteria`.
     """
 
     def __init__(self, tokenizer, prompt_width: int, batch_size: int):
         self.tokenizer = tokenizer
         self.prompt_width = prompt_width
         self.done = torch.zeros(batch_size, dtype=torch.bool)
+        self._finished = [False] * batch_size     # `done` as a list (read at every step without tensor indexing)
+        self._stop_tokens = StopTokens(tokenizer)
+        self._checked = 0            # generated tokens per row already looked at
+        self._done_on = None         # `done` on the device of the ids (copied again when a row finishes)
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
         new = input_ids[:, self.prompt_width:]
         if new.shape[1] > 0:
-            tail = new[:, -_TAIL_TOKENS:].tolist()
-            for row, ids in enumerate(tail):
-                if not self.done[row] and STOP_PATTERN.search(self.tokenizer.decode(ids, skip_special_tokens=True)):
-                    self.done[row] = True
-        return self.done.to(input_ids.device).clone()
+            start = self._checked if self._checked < new.shape[1] else 0
+            fresh = new[:, start:].tolist()            # one token per row at a generate step
+            self._checked = new.shape[1]
+            could = self._stop_tokens.could_complete
+            for row, ids in enumerate(fresh):
+                if self._finished[row] or not any(map(could, ids)):
+                    continue
+                if STOP_PATTERN.search(self.tokenizer.decode(new[row, -_TAIL_TOKENS:].tolist(),
+                                                             skip_special_tokens=True)):
+                    self.done[row] = self._finished[row] = True
+                    self._done_on = None
+        if self._done_on is None or self._done_on.device != input_ids.device:
+            self._done_on = self.done.to(input_ids.device)
+        return self._done_on.clone()
 
 
 def _stopping_criteria(tokenizer, prompt_width: int, batch_size: int):
@@ -232,7 +277,7 @@ def generate_from_ids(model, tokenizer, encoded: List[List[int]], max_new_tokens
                 fast_pick = greedy_pick if pick is None else (
                     lambda logits, rows: pick(logits, [order[r] for r in rows]))
                 gens = _fast_generate(model, [encoded[i] for i in order], pad_id, eos_ids, max_new_tokens, device,
-                                      batch_size, stopped=lambda ids: _stopped(tokenizer, ids), pick=fast_pick,
+                                      batch_size, stopped=StopTokens(tokenizer).stopped, pick=fast_pick,
                                       on_finish=lambda: bar.update(1))
                 for i, (ids, stop) in zip(order, gens):
                     results[i] = Generation(cut_response(tokenizer.decode(ids, skip_special_tokens=True)), stop)
@@ -285,4 +330,5 @@ def _forced_pick_processor(pick: Picker, rows: List[int]):
 
 
 __all__ = ["generate_responses", "generate_with_details", "generate_from_ids", "encode_prompts", "check_settings",
-           "Generation", "cut_response", "StopOnStrings", "STOP_PATTERN", "fast_engine_supported", "ENGINES"]
+           "Generation", "cut_response", "StopOnStrings", "StopTokens", "STOP_PATTERN", "fast_engine_supported",
+           "ENGINES"]

@@ -366,3 +366,162 @@ def test_zero3_placeholder_parameters_fall_back_to_generate(model, tokenizer, mo
     empty = copy.deepcopy(model)
     empty.register_parameter("partitioned", torch.nn.Parameter(torch.empty(0)))
     assert generation.has_placeholder_parameters(empty) and not generation.fast_engine_supported(empty)
+
+
+# ------------------------------------------------------------------------------ stop strings, checked cheaply
+def _stopped_every_step(tokenizer, ids):
+    """The plain rule: decode the generated tail after every token (what the engines did before the prefilter)."""
+    from clha.generation import _TAIL_TOKENS
+
+    return bool(STOP_PATTERN.search(tokenizer.decode(ids[-_TAIL_TOKENS:], skip_special_tokens=True)))
+
+
+def _stop_pieces(tokenizer):
+    """Token runs that build stop strings in pieces (split inside words, any case, a special token between the word
+    and its ':'), near misses, multi-byte characters and filler, for random token streams."""
+    def enc(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    pieces = [enc(t) for t in ("Hu", "man", "hu", "MAN", "Human", " Human", "Assist", "ant", "assistant", "ASSIST",
+                               "ANT", ":", " :", "Humans", "note: x", "é", "日本", "🙂", "ok", " sure", "\n\n",
+                               "Human:", " Assistant:")]
+    pieces += [[tokenizer.eos_token_id], [tokenizer.pad_token_id], [2], [3]]     # special / marker tokens
+    return pieces
+
+
+def test_stop_token_prefilter_agrees_with_decoding_every_step(tokenizer):
+    """Random token streams from the tiny tokenizer (stop strings split across tokens, a special token between the
+    word and its ':', EOS in the middle, a ':' as the very last token, random ids): the first step at which the
+    prefiltered check says "stopped" is the first step at which decoding the tail after every token finds a stop
+    string, and it decodes far less."""
+    import random
+
+    from clha.generation import StopTokens
+
+    rng = random.Random(0)
+    pieces = _stop_pieces(tokenizer)
+    stops, split = 0, 0
+    for trial in range(400):
+        ids = []
+        while len(ids) < 48:
+            ids += rng.choice(pieces) if rng.random() < 0.6 else [rng.randrange(len(tokenizer))]
+        ids = ids[:48]
+        expected = next((n for n in range(1, len(ids) + 1) if _stopped_every_step(tokenizer, ids[:n])), None)
+        check = StopTokens(tokenizer)
+        got = next((n for n in range(1, len(ids) + 1) if check.stopped(ids[:n])), None)
+        assert got == expected, (trial, ids, tokenizer.decode(ids))
+        if expected is not None:
+            stops += 1
+            word = tokenizer.decode(ids[expected - 1:expected], skip_special_tokens=True)
+            split += word.strip() == ":"          # the ':' came as its own token, the word before it
+    # the streams exercise the rule: many stop, many of those with the stop string split across tokens
+    assert 100 < stops < 380 and split > 50, (stops, split)
+    # decoding only at ':' tokens: what the check decodes on a long stream with two colons and no stop string
+    decoded = []
+    real_decode = tokenizer.decode
+    counting = StopTokens(type("Spy", (), {"decode": lambda self, *a, **k: decoded.append(a[0]) or
+                                           real_decode(*a, **k)})())
+    text = "the cat sat on a mat: we like to talk about bread rain chess music trees " * 2
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert not any(counting.stopped(plain[:n]) for n in range(1, len(plain) + 1))
+    tails = [ids for ids in decoded if len(ids) > 1]
+    assert len(tails) == 2, "only the two steps that wrote a ':' decode the tail"
+    assert len(decoded) - len(tails) == len(set(plain)), "each distinct token is decoded alone once"
+
+
+def test_stop_on_strings_marks_rows_when_decoding_every_step_would(tokenizer):
+    """The hf engine's criterion, called after every generate step on a batch of random streams (left-padded
+    prompts before them), marks each row done at the step where decoding the tail every step first finds a stop
+    string, and keeps it done."""
+    import random
+
+    from clha.generation import StopOnStrings
+
+    rng = random.Random(1)
+    pieces = _stop_pieces(tokenizer)
+    rows, length, width = 24, 40, 5
+    streams = []
+    for _ in range(rows):
+        ids = []
+        while len(ids) < length:
+            ids += rng.choice(pieces) if rng.random() < 0.6 else [rng.randrange(len(tokenizer))]
+        streams.append(ids[:length])
+    prompt = torch.full((rows, width), tokenizer.pad_token_id)
+    ids = torch.cat([prompt, torch.tensor(streams)], dim=1)
+    first = [next((n for n in range(1, length + 1) if _stopped_every_step(tokenizer, s[:n])), None) for s in streams]
+    assert len({f for f in first if f}) > 3 and None in first, first
+    criterion = StopOnStrings(tokenizer, width, rows)
+    for n in range(1, length + 1):
+        done = criterion(ids[:, :width + n])
+        assert done.tolist() == [f is not None and f <= n for f in first], n
+    # called after several new tokens at once, it decodes the tail of every row that got a ':' among them, as
+    # decoding every row's tail at that call would
+    late = StopOnStrings(tokenizer, width, rows)
+    assert late(ids[:, :width + 1]).tolist() == [f == 1 for f in first]
+    tails = [_stopped_every_step(tokenizer, s) for s in streams]
+    assert late(ids).tolist() == [f == 1 or t for f, t in zip(first, tails)]
+    assert any(t != (f is not None) for f, t in zip(first, tails))     # some stop strings left the tail since
+
+
+class ScriptedPicker:
+    """A picker (`clha.fast_engine.Picker`) that writes a fixed token script per prompt, whatever the logits."""
+
+    def __init__(self, scripts):
+        self.scripts, self.count = scripts, [0] * len(scripts)
+
+    def __call__(self, logits, rows):
+        out = []
+        for r in rows:
+            script = self.scripts[r]
+            out.append(script[min(self.count[r], len(script) - 1)])
+            self.count[r] += 1
+        return torch.tensor(out, device=logits.device)
+
+
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+@pytest.mark.parametrize("batch_size", [2, 7])
+def test_engines_stop_where_decoding_every_step_stops(model, tokenizer, engine, batch_size):
+    """Both engines on scripted token streams: a stop string split across tokens, one with EOS right before its
+    ':', one whose ':' is the last allowed token and one whose ':' comes one token too late, one with a special
+    token between the word and its ':', colons that start nothing, multi-byte characters. Responses and stop
+    reasons are those of decoding the tail after every token."""
+    from clha.data.tokenize import encode_prompt as enc_prompt
+    from clha.generation import cut_response, generate_from_ids
+
+    def enc(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    eos, limit = tokenizer.eos_token_id, 12
+    word = enc("assistant")
+    filler = (enc("ok sure, rain") + enc(" ") * limit)[:limit - 1 - len(word)]     # then the word, ':' last
+    scripts = [
+        enc("ok ") + enc("Hu") + enc("man") + enc(":") + enc(" more text here"),            # split stop string
+        enc("fine ") + enc("Assist") + enc("ant") + [eos] + enc(":") + enc(" x"),           # EOS before its ':'
+        filler + word + enc(":") + enc(" x"),                                               # ':' at the limit
+        filler + enc(" ") + word + enc(":") + enc(" x"),                                    # ':' one too late
+        enc("yes HUMAN") + [tokenizer.pad_token_id] + enc(":") + enc(" zz"),                # special token between
+        enc("note: a: b: c:") + enc(" " * 20),                                              # colons, no stop
+        enc("é🙂") + enc("Human") + enc(":") + enc("!"),                                     # multi-byte, then stop
+    ]
+    assert len(scripts[2][:limit]) == limit and tokenizer.decode(scripts[2][:limit]).endswith("assistant:")
+    assert tokenizer.decode(scripts[3][:limit]).endswith("assistant")
+
+    expected = []
+    for script in scripts:
+        ids, stop = [], "length"
+        for token in script[:limit]:
+            if token == eos:
+                stop = "eos"
+                break
+            ids.append(token)
+            if _stopped_every_step(tokenizer, ids):
+                stop = "stop_string"
+                break
+        expected.append((cut_response(tokenizer.decode(ids, skip_special_tokens=True)), stop))
+    assert [s for _, s in expected] == ["stop_string", "eos", "stop_string", "length", "stop_string", "length",
+                                        "stop_string"]
+
+    prompts = [enc_prompt(tokenizer, render_prompt(p), 512) for p in _prompts()]
+    gens = generate_from_ids(model, tokenizer, prompts, limit, batch_size, False, engine,
+                             pick=ScriptedPicker(scripts))
+    assert [(g.response, g.stop) for g in gens] == expected
