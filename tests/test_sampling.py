@@ -4,29 +4,8 @@ import pytest
 import torch
 
 from clha.sampling import RowSampler, SamplingConfig, row_seed, sample_responses, sample_with_details
-from tests.test_generation import _prompts, _spread_weights
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from clha.testing.tiny import build_tokenizer
-
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    from clha.testing.tiny import build_causal_lm
-
-    return _spread_weights(build_causal_lm(tokenizer, seed=0), seed=1)
+# the same one-thread setting, tiny tokenizer and model (module-scoped fixtures) as the greedy tests
+from tests.test_generation import _one_thread, _prompts, _spread_weights, model, tokenizer  # noqa: F401
 
 
 CONFIG = SamplingConfig(temperature=1.0, top_p=0.95, seed=7)
