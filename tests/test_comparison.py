@@ -451,7 +451,7 @@ def test_longer_ranking_methods_train_on_sampled_candidates_with_the_n2_choice(h
 def test_longer_ranking_methods_take_the_tuning_of_their_n2_method(harness):
     s = harness.settings
     s["sweep"].update({"learning_rates": [1e-4, 1e-3], "taus": [0.1]})
-    dev = {("clha", 1e-4, 0.2): 0.50, ("clha", 1e-3, 0.2): 0.52, ("clha", 1e-3, 0.1): 0.55,
+    dev = {("clha", 1e-4, 0.2): 0.50, ("clha", 1e-3, 0.2): 0.52, ("clha", 2e-3, 0.2): 0.51, ("clha", 1e-3, 0.1): 0.55,
            ("pro", 1e-4, None): 0.49, ("pro", 1e-3, None): 0.41}
     trained = []
 
@@ -467,6 +467,33 @@ def test_longer_ranking_methods_take_the_tuning_of_their_n2_method(harness):
     assert s["methods"]["clha_n3"]["learning_rate"] == 1e-3 and s["methods"]["clha_n3"]["reward_gap_threshold"] == 0.1
     assert s["methods"]["clha_n3"]["ranking_len"] == 3 and chosen["clha_n3"]["from"] == "clha"
     assert s["methods"]["pro_n3"]["learning_rate"] == 1e-4 and chosen["pro_n3"]["from"] == "pro"
+
+
+def test_a_best_learning_rate_at_the_grid_edge_extends_the_grid_upwards(harness):
+    """sft improves up to the top of the grid: 2x and 4x are tried (extend_up 2 caps it) and 4x is chosen; dpo's
+    2x is worse, so its grid stops there; a missing extension point leaves the sweep unfinished."""
+    s = harness.settings
+    s["sweep"].update({"learning_rates": [1e-4, 1e-3], "extend_up": 2})
+    dev = {("sft", 1e-4): 0.40, ("sft", 1e-3): 0.45, ("sft", 2e-3): 0.47, ("sft", 4e-3): 0.50,
+           ("dpo", 1e-4): 0.44, ("dpo", 1e-3): 0.46, ("dpo", 2e-3): 0.43}
+    trained = []
+
+    def train(method, seed, ckpt, logs, key, overrides=None, method_override=None):
+        point = (method, method_override["learning_rate"])
+        trained.append(point)
+        return {"validation": [{"step": 0, "dev_reward": 0.45}, {"step": 4, "dev_reward": dev[point]}]}
+
+    harness.train = train
+    harness.sweep(["sft", "dpo"])
+    assert trained == [("sft", 1e-4), ("sft", 1e-3), ("sft", 2e-3), ("sft", 4e-3),
+                       ("dpo", 1e-4), ("dpo", 1e-3), ("dpo", 2e-3)]
+    assert (harness.results / "sweep" / "sft_lr0.004_s1.json").is_file()
+    chosen = harness.apply_tuning(["sft", "dpo"])
+    assert s["methods"]["sft"]["learning_rate"] == 4e-3 and chosen["sft"]["sweep_runs"] == 4
+    assert s["methods"]["dpo"]["learning_rate"] == 1e-3 and chosen["dpo"]["sweep_runs"] == 3
+    (harness.results / "sweep" / "sft_lr0.002_s1.json").unlink()
+    with pytest.raises(compare.HarnessError, match="its extension to larger learning rates is missing"):
+        harness.apply_tuning(["sft"])
 
 
 def test_the_best_sweep_point_is_the_highest_dev_reward_first_of_equals():
