@@ -14,9 +14,20 @@ both), how many token positions the model ran over, and how many responses are i
 Reward scoring, same reward model and (prompt, reply) pairs (the chosen and rejected replies of the test files):
 fixed batches in input order (the reference) vs `RewardScorer.score` (length-sorted batches). Reported: pairs/s.
 
+`--dtype bfloat16` loads the causal LM in bf16 for both pipelines (default float32; the reward model stays in
+float32). `--compare_dtypes` measures instead what bf16 gives this project's generation on the CPU: the same model
+loaded in float32 and in bfloat16, the same prompts, runs interleaved (fp32, bf16, fp32, bf16, ... --repeats times
+each, default 2 in this mode); reported per dtype: new tokens/s by wall time and by this process's CPU time (the
+median of the runs; CPU time is the fairer measure on a machine shared with other jobs), the bf16/fp32 ratio, how
+many bf16 greedy responses equal the fp32 ones exactly, how many agree on their first --agree_tokens tokens (both
+responses' first N tokens equal, shorter responses compared whole), the mean common token prefix, and (unless
+--skip_reward) the mean reward of each set under the float32 reward model and the mean absolute per-prompt
+difference.
+
     python bench/generate.py                         # tiny models built from a config (no downloads), 112 prompts
-    python bench/generate.py --model DIR [--gguf_file F] --reward_model DIR --num_prompts 56
-Results are printed and written to bench/results/generate.json.
+    python bench/generate.py --model DIR [--gguf_file F] --reward_model DIR --num_prompts 56 [--dtype bfloat16]
+    python bench/generate.py --compare_dtypes --model DIR [--gguf_file F] --reward_model DIR --num_prompts 56
+Results are printed and written to bench/results/generate.json (generate_dtypes.json with --compare_dtypes).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +50,8 @@ import torch  # noqa: E402
 from clha.data.format import render_prompt  # noqa: E402
 from clha.data.tokenize import encode_prompt  # noqa: E402
 from clha.generation import generate_with_details  # noqa: E402
+from clha.threads import ENV_VAR as THREADS_ENV_VAR  # noqa: E402
+from clha.threads import configure_threads  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pro-format" / "hh_test"
 SUBSET_FILES = ("harmless_base", "helpful_base", "helpful_online", "helpful_rejection")
@@ -74,32 +88,44 @@ def load_pairs(data: Path, num: int):
     return pairs
 
 
-def load_models(args):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_lm(args, dtype: torch.dtype):
+    """(model, tokenizer): --model (optionally its --gguf_file) loaded in `dtype`, or the tiny Llama cast to it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model:
         kw = {"gguf_file": args.gguf_file} if args.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(args.model, **kw)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kw)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **kw)
     else:
         from clha.testing.tiny import build_causal_lm, build_tokenizer
 
         tokenizer = build_tokenizer()
-        model = build_causal_lm(tokenizer, seed=0)
+        model = build_causal_lm(tokenizer, seed=0).to(dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
+    return model, tokenizer
+
+
+def load_scorer(args):
+    """The reward scorer (float32): --reward_model, or a tiny Llama classifier built from a config."""
     if args.reward_model:
         from clha.rm.scoring import load_reward_model
 
-        scorer = load_reward_model(args.reward_model, device="cpu", max_length=1024)
-    else:
-        from clha.rm.scoring import HFRewardScorer
-        from clha.testing.tiny_reward import build_tiny_seqcls_reward_model
+        return load_reward_model(args.reward_model, device="cpu", max_length=1024, dtype=torch.float32)
+    from clha.rm.scoring import HFRewardScorer
+    from clha.testing.tiny_reward import build_tiny_seqcls_reward_model
 
-        rm, rm_tok = build_tiny_seqcls_reward_model(arch="llama", seed=1, max_positions=1024)
-        scorer = HFRewardScorer(rm, rm_tok, name="tiny-llama-rm", max_length=1024)
-    return model, tokenizer, scorer
+    rm, rm_tok = build_tiny_seqcls_reward_model(arch="llama", seed=1, max_positions=1024)
+    return HFRewardScorer(rm, rm_tok, name="tiny-llama-rm", max_length=1024)
+
+
+def load_models(args):
+    model, tokenizer = load_lm(args, DTYPES[args.dtype])
+    return model, tokenizer, load_scorer(args)
 
 
 # ----------------------------------------------------------------------------------------------- pipelines
@@ -224,6 +250,99 @@ def bench_reward(scorer, pairs, args):
             "speedup": ref_s / our_s, "max_score_difference": max_diff}
 
 
+# ------------------------------------------------------------------------------------------ fp32 vs bf16
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def compare_dtypes(args, pairs, scorer):
+    """This project's generation in float32 and in bfloat16 on the same prompts (see the module docstring)."""
+    prompts = [p for p, _, _ in pairs]
+    models = {}
+    for name in DTYPES:
+        models[name], tokenizer = load_lm(args, DTYPES[name])
+        # Warm-up (allocator, kernels of this dtype), not timed.
+        generate_with_details(models[name], tokenizer, prompts[:2], block_size=args.block_size, max_new_tokens=4)
+    runs = {name: [] for name in DTYPES}
+    responses = {}
+    for _ in range(args.repeats):
+        for name, model in models.items():                  # interleaved: load changes hit both dtypes alike
+            wall, cpu = time.perf_counter(), time.process_time()
+            gens = generate_with_details(model, tokenizer, prompts, block_size=args.block_size,
+                                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                         progress=False)
+            runs[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+            texts = [g.response for g in gens]
+            if name in responses and responses[name] != texts:
+                print(f"warning: {name} responses differ between runs", file=sys.stderr)
+            responses[name] = texts
+
+    def token_ids(texts):
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    ids = {name: token_ids(responses[name]) for name in DTYPES}
+    result = {"prompts": len(prompts), "batch_size": args.batch_size, "runs_per_dtype": args.repeats}
+    for name in DTYPES:
+        new_tokens = sum(len(x) for x in ids[name])
+        wall_s = statistics.median(w for w, _ in runs[name])
+        cpu_s = statistics.median(c for _, c in runs[name])
+        result[name] = {"new_tokens": new_tokens, "wall_seconds": wall_s, "cpu_seconds": cpu_s,
+                        "runs_wall_cpu_seconds": runs[name],
+                        "new_tokens_per_wall_s": new_tokens / wall_s, "new_tokens_per_cpu_s": new_tokens / cpu_s}
+    fp, bf = result["float32"], result["bfloat16"]
+    result["ratio_bf16_over_fp32"] = {"wall": bf["new_tokens_per_wall_s"] / fp["new_tokens_per_wall_s"],
+                                      "cpu": bf["new_tokens_per_cpu_s"] / fp["new_tokens_per_cpu_s"]}
+    n, k = len(prompts), args.agree_tokens
+    prefixes = [common_prefix(a, b) for a, b in zip(ids["float32"], ids["bfloat16"])]
+    result["agreement"] = {
+        "identical_responses": sum(a == b for a, b in zip(responses["float32"], responses["bfloat16"])),
+        f"same_first_{k}_tokens": sum(a[:k] == b[:k] for a, b in zip(ids["float32"], ids["bfloat16"])),
+        "mean_common_prefix_tokens": sum(prefixes) / n,
+        "mean_response_tokens_fp32": fp["new_tokens"] / n}
+    if scorer is not None:
+        start = time.perf_counter()
+        scores = {name: scorer.score(prompts, responses[name], batch_size=args.reward_batch_size, progress=False)
+                  for name in DTYPES}
+        diffs = [abs(a - b) for a, b in zip(scores["float32"], scores["bfloat16"])]
+        result["reward"] = {"model": scorer.name, "seconds": time.perf_counter() - start,
+                            "mean_float32": statistics.fmean(scores["float32"]),
+                            "mean_bfloat16": statistics.fmean(scores["bfloat16"]),
+                            "mean_abs_difference": statistics.fmean(diffs),
+                            "mean_abs_difference_where_responses_differ":
+                                statistics.fmean([d for d, a, b in zip(diffs, responses["float32"],
+                                                                       responses["bfloat16"]) if a != b] or [0.0])}
+    return result
+
+
+def print_dtype_comparison(c, args):
+    n, k = c["prompts"], args.agree_tokens
+    print(f"fp32 vs bf16, this project's generation: {n} prompts, batch {c['batch_size']}, max {args.max_new_tokens} "
+          f"new tokens, median of {c['runs_per_dtype']} interleaved runs each")
+    print("| dtype | new tokens | wall s | new tokens/s (wall) | CPU s | new tokens/s (CPU) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in DTYPES:
+        r = c[name]
+        print(f"| {name} | {r['new_tokens']} | {r['wall_seconds']:.1f} | {r['new_tokens_per_wall_s']:.1f} | "
+              f"{r['cpu_seconds']:.1f} | {r['new_tokens_per_cpu_s']:.1f} |")
+    a = c["agreement"]
+    print(f"bf16/fp32 new tokens/s: {c['ratio_bf16_over_fp32']['wall']:.2f}x (wall), "
+          f"{c['ratio_bf16_over_fp32']['cpu']:.2f}x (CPU time)")
+    print(f"agreement: identical responses {a['identical_responses']}/{n}; same first {k} tokens "
+          f"{a[f'same_first_{k}_tokens']}/{n}; mean common prefix {a['mean_common_prefix_tokens']:.1f} tokens "
+          f"(mean fp32 response {a['mean_response_tokens_fp32']:.1f} tokens)")
+    if "reward" in c:
+        r = c["reward"]
+        print(f"reward ({r['model']}, float32): mean {r['mean_float32']:.4f} (fp32 responses) vs "
+              f"{r['mean_bfloat16']:.4f} (bf16 responses); mean |difference| per prompt "
+              f"{r['mean_abs_difference']:.4f} ({r['mean_abs_difference_where_responses_differ']:.4f} where the "
+              f"responses differ); scoring took {r['seconds']:.1f} s")
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -237,25 +356,58 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=28, help="this project's generation batch size")
     p.add_argument("--ref_batch_size", type=int, default=28, help="the reference's fixed batch (28)")
     p.add_argument("--reward_batch_size", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=1, help="time each side this many times, keep the fastest")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="time each side this many times, keep the fastest (default 1); with --compare_dtypes: runs "
+                        "per dtype, interleaved, the median is reported (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch threads (default: {THREADS_ENV_VAR} when set, else torch's choice)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype of the causal LM for both pipelines (the reward model stays float32)")
+    p.add_argument("--compare_dtypes", action="store_true",
+                   help="instead: this project's generation in float32 vs bfloat16 (speed, agreement, reward)")
+    p.add_argument("--agree_tokens", type=int, default=32,
+                   help="--compare_dtypes: count responses whose first N tokens agree (default 32)")
     p.add_argument("--skip_reward", action="store_true")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "generate.json"))
+    p.add_argument("--out", default=None,
+                   help="result JSON (default bench/results/generate.json, generate_dtypes.json with --compare_dtypes)")
     args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 2 if args.compare_dtypes else 1
+    if args.repeats < 1 or args.agree_tokens < 1 or args.num_prompts < 1:
+        p.error("--repeats, --agree_tokens and --num_prompts must be >= 1")
+    if args.compare_dtypes and args.dtype != "float32":
+        p.error("--compare_dtypes runs both dtypes; do not pass --dtype with it")
+    if args.out is None:
+        args.out = str(REPO / "bench" / "results" / ("generate_dtypes.json" if args.compare_dtypes
+                                                     else "generate.json"))
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif os.environ.get(THREADS_ENV_VAR):
+        configure_threads()
     torch.manual_seed(0)
 
     pairs = load_pairs(Path(args.data), args.num_prompts)
+    if args.compare_dtypes:
+        scorer = None if args.skip_reward else load_scorer(args)
+        report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                             f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+                  "model": args.model or "tiny Llama (clha.testing.tiny, random init)", "gguf_file": args.gguf_file,
+                  "reward_model": scorer.name if scorer else None, "data": args.data,
+                  "max_new_tokens": args.max_new_tokens, "dtypes": list(DTYPES)}
+        report["dtype_comparison"] = c = compare_dtypes(args, pairs, scorer)
+        print_dtype_comparison(c, args)
+        return write_report(report, args.out)
     model, tokenizer, scorer = load_models(args)
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                          f"torch {torch.__version__}, {torch.get_num_threads()} threads",
               "model": args.model or "tiny Llama (clha.testing.tiny, random init)", "gguf_file": args.gguf_file,
-              "reward_model": scorer.name, "data": args.data, "max_new_tokens": args.max_new_tokens}
+              "dtype": args.dtype, "reward_model": scorer.name, "data": args.data,
+              "max_new_tokens": args.max_new_tokens}
     report["generation"] = g = bench_generation(model, tokenizer, pairs, args)
     print(f"generation: {g['prompts']} prompts (prompt tokens min/mean/max "
           f"{g['prompt_tokens_min_mean_max'][0]}/{g['prompt_tokens_min_mean_max'][1]:.0f}/"
-          f"{g['prompt_tokens_min_mean_max'][2]}), max {args.max_new_tokens} new tokens, {report['model']}")
+          f"{g['prompt_tokens_min_mean_max'][2]}), max {args.max_new_tokens} new tokens, {report['model']}, "
+          f"{args.dtype}")
     print("| pipeline | batch | seconds | prompts/s | new tokens/s | forward calls | positions run |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in ("reference", "ours"):
@@ -271,7 +423,11 @@ def main(argv=None) -> int:
               f"| input order (reference) | {r['reference']['seconds']:.2f} | {r['reference']['pairs_per_s']:.1f} |\n"
               f"| length-sorted (ours) | {r['ours']['seconds']:.2f} | {r['ours']['pairs_per_s']:.1f} |")
         print(f"speedup {r['speedup']:.2f}x; max score difference {r['max_score_difference']:.2e}")
-    out = Path(args.out)
+    return write_report(report, args.out)
+
+
+def write_report(report, path) -> int:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {out}")
