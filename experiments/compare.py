@@ -973,6 +973,25 @@ class Harness:
             records.append(record)
         return records
 
+    def rewrite_sweep_readme(self) -> None:
+        """The sweep README from the stored points (what --only-aggregate does; not checked against the current
+        settings: the points are listed as stored), by method, tau and learning rate."""
+        folder = self.results / "sweep"
+        records = [r for r in (read_json(f) for f in sorted(folder.glob("*.json"))) if r and "method_settings" in r]
+        if not records:
+            return
+        order = {m: i for i, m in enumerate(self.preset_methods)}
+        records.sort(key=lambda r: (order.get(r["method"], len(order)), r["method_settings"].get("reward_gap_threshold")
+                                    != self.preset_methods.get(r["method"], {}).get("reward_gap_threshold"),
+                                    r["method_settings"].get("reward_gap_threshold") or 0,
+                                    r["method_settings"]["learning_rate"]))
+        sw = self.settings["sweep"]
+        planned = sum(len(sw["learning_rates"]) + (len([t for t in sw["taus"] if t != m.get("reward_gap_threshold")])
+                                                   if m.get("loss_type") == "clha" else 0)
+                      for name, m in self.preset_methods.items()
+                      if name != BASE and self.tuned_from(name) == name)
+        self.write_sweep_readme(records, max(planned, len(records)))
+
     def write_sweep_readme(self, records: Sequence[Dict[str, Any]], planned: int) -> None:
         """results/<experiment>/sweep/README.md: the finished points of the dev sweep and how many are left."""
         from experiments import aggregate
@@ -1198,7 +1217,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         methods = args.methods or list(settings["methods"])
         runs = planned_runs(settings, methods)
         if args.only_aggregate:
-            aggregate.write_report(harness.results, expected=[run_name(m, s) for m, s in runs])
+            harness.rewrite_sweep_readme()
+            aggregate.write_report(harness.results, expected=[run_name(m, s) for m, s in runs],
+                                   protocol=protocol(settings))
             return 0
         if args.dry_run:
             return dry_run(harness, runs, settings["sweep"]["tune"] and not args.no_tune)
@@ -1219,7 +1240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for i, (method, seed) in enumerate(runs, 1):
                 logger.info("=== run %d/%d: %s", i, len(runs), run_name(method, seed))
                 harness.run_one(method, seed)
-            aggregate.write_report(harness.results, expected=[run_name(m, s) for m, s in runs])
+            aggregate.write_report(harness.results, expected=[run_name(m, s) for m, s in runs],
+                                   protocol=protocol(settings))
     except (HarnessError, aggregate.AggregationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -188,6 +188,21 @@ def test_write_report_makes_readme_summary_and_chart(tmp_path, runs):
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_results_of_older_settings_are_left_out_and_named_not_mixed_in(tmp_path, runs, monkeypatch):
+    monkeypatch.setitem(WORDS, ("base", None), [10] * 6)
+    monkeypatch.setitem(AT_LIMIT, ("base", None), [0] * 6)
+    old = make_run("base", None, rewards=[10] * 6, run="base")
+    old["protocol"]["train"]["append_eos"] = False              # made before the protocol recorded EOS
+    write_runs(tmp_path, runs + [old])
+    with pytest.raises(agg.AggregationError, match="differ in protocol"):
+        agg.write_report(tmp_path, n_boot=50)                    # without the current protocol: refused, not mixed
+    summary = agg.write_report(tmp_path, n_boot=50, protocol=PROTOCOL)
+    assert set(summary["methods"]) == {"sft", "clha"} and summary["n_runs"] == 4
+    text = (tmp_path / "README.md").read_text()
+    assert "Left out, made with other settings" in text and "base (protocol.train.append_eos: false vs null)" in text
+    assert agg.write_report(tmp_path, n_boot=50, protocol={**PROTOCOL, "eval": {}}) is None   # nothing current
+
+
 def test_longer_rankings_are_compared_with_their_n2_method_paired_per_prompt(tmp_path, runs, monkeypatch):
     # clha_n3 (one seed) against clha's two seeds; clha's seed mean per prompt is [55, 45, 65, 75, 85, 95]
     monkeypatch.setitem(WORDS, ("clha_n3", 1), [30] * 6)
