@@ -138,8 +138,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "ablation_seeds": [1, 2],
         "longer_ranking_seeds": [1],
         "methods": _methods(2e-5),
-        # a method whose best learning rate is the grid's largest is tried at 2x it, up to twice (extend_up)
-        "sweep": {"tune": True, "learning_rates": [5e-6, 2e-5, 5e-5, 1e-4], "extend_up": 2, "taus": [0.1, 0.2, 0.3],
+        # a method whose best learning rate is the largest (smallest) tried is tried at 2x (1/2) it, up to twice
+        "sweep": {"tune": True, "learning_rates": [5e-6, 2e-5, 5e-5, 1e-4], "extend_edges": 2, "taus": [0.1, 0.2, 0.3],
                   "dev_prompts": 96, "max_new_tokens": 64, "seed": 1},
         # extra candidates of the longer-ranking methods (train/hh_preprocess_data/step_2b_add_candidates.py on
         # each seed's training sample): about 0.75 CPU-hours per 300 prompts at k = 2
@@ -169,7 +169,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "ablation_seeds": [1, 2, 3],
         "longer_ranking_seeds": [1, 2, 3],
         "methods": _methods(5e-6),
-        "sweep": {"tune": True, "learning_rates": [2e-6, 5e-6, 1e-5, 2e-5], "extend_up": 2, "taus": [0.1, 0.2, 0.3, 0.5],
+        "sweep": {"tune": True, "learning_rates": [2e-6, 5e-6, 1e-5, 2e-5], "extend_edges": 2, "taus": [0.1, 0.2, 0.3, 0.5],
                   "dev_prompts": 280,
                   "max_new_tokens": 128, "seed": 1},
         "candidates": {"k": 2, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 128, "seed": 42,
@@ -196,7 +196,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "ablation_seeds": [1],
         "longer_ranking_seeds": [1],
         "methods": _methods(1e-3),
-        "sweep": {"tune": False, "learning_rates": [1e-4, 1e-3], "extend_up": 1, "taus": [0.1], "dev_prompts": 4,
+        "sweep": {"tune": False, "learning_rates": [1e-4, 1e-3], "extend_edges": 1, "taus": [0.1], "dev_prompts": 4,
                   "max_new_tokens": 8, "seed": 1},
         "candidates": {"k": 2, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 8, "seed": 42,
                        "num_processes": 1, "gen_batch_size": 8, "reward_batch_size": 16, "chunk_size": 4},
@@ -922,8 +922,8 @@ class Harness:
 
     def sweep(self, methods: Sequence[str]) -> List[Dict[str, Any]]:
         """Dev-only tuning of every trained method (ablations are tuned with CLHA): stage A trains each method once
-        per learning rate at its preset settings (`learning_rates_tried`: the grid, extended upwards while the best
-        is the largest rate tried); stage B trains CLHA at the best stage-A learning rate with each other tau. Every
+        per learning rate at its preset settings (the grid, extended while the best is the largest or smallest rate
+        tried); stage B trains CLHA at the best stage-A learning rate with each other tau. Every
         point is trained once (seed sweep.seed) and scored on the dev prompts at its last step. Returns all records
         (the finished ones are read back, not retrained)."""
         sw = self.settings["sweep"]
@@ -954,8 +954,9 @@ class Harness:
 
     def stage_a(self, point) -> Optional[List[Dict[str, Any]]]:
         """Stage A's records, `point(lr)` giving each (None: not available, and then neither is stage A): every rate
-        of sweep.learning_rates, then, while the best of them is the largest rate tried, twice that rate, at most
-        sweep.extend_up times (a best at the grid's edge says the grid did not bracket the optimum)."""
+        of sweep.learning_rates; then, while the best of them is the largest rate tried, twice that rate, or while it
+        is the smallest, half of it, at most sweep.extend_edges times each way (a best at the grid's edge says the
+        grid did not bracket the optimum)."""
         sw = self.settings["sweep"]
         records = []
         for lr in sw["learning_rates"]:
@@ -963,14 +964,15 @@ class Harness:
             if record is None:
                 return None
             records.append(record)
-        for _ in range(int(sw.get("extend_up", 0))):
-            top = max(r["method_settings"]["learning_rate"] for r in records)
-            if best_sweep_record(records)["method_settings"]["learning_rate"] != top:
-                break
-            record = point(float(f"{2 * top:.6g}"))
-            if record is None:
-                return None
-            records.append(record)
+        for edge, factor in ((max, 2.0), (min, 0.5)):
+            for _ in range(int(sw.get("extend_edges", 0))):
+                end = edge(r["method_settings"]["learning_rate"] for r in records)
+                if best_sweep_record(records)["method_settings"]["learning_rate"] != end:
+                    break
+                record = point(float(f"{factor * end:.6g}"))
+                if record is None:
+                    return None
+                records.append(record)
         return records
 
     def rewrite_sweep_readme(self) -> None:
@@ -1006,7 +1008,7 @@ class Harness:
                          f"learning rate. The ablations and the longer-ranking methods use the choice of the method "
                          f"they derive from. Written by `experiments/compare.py` after every point.\n\n"
                          + (f"**{left} of {planned} points still to run** (more if a method's best learning rate is "
-                            f"the largest tried: the grid is then extended upwards).\n\n" if left > 0 else "")
+                            f"the largest or smallest tried: the grid is then extended).\n\n" if left > 0 else "")
                          + aggregate.sweep_table(records) + "\n")
 
     def sweep_point_path(self, method: str, lr: float, tau: Optional[float], seed: int) -> Path:
@@ -1031,7 +1033,8 @@ class Harness:
                            if self._current_sweep_record(source, lr, preset_tau) is None]
                 raise HarnessError(f"{method}: the dev sweep of {source} is not finished ("
                                    + (f"{len(missing)} of {len(sw['learning_rates'])} learning rates missing"
-                                      if missing else "its extension to larger learning rates is missing")
+                                      if missing else
+                                      "its extension beyond the grid (the best rate was at its edge) is missing")
                                    + "); run this command without --no-tune or with --sweep first")
             if m.get("loss_type") == "clha":
                 best_lr = best_sweep_record(records)["method_settings"]["learning_rate"]

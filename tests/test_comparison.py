@@ -358,7 +358,8 @@ def test_dev_sweep_tunes_lr_then_clha_tau_and_the_runs_use_the_choice(harness):
     """Stage A (learning rates at the preset tau), stage B (CLHA's other taus at the best rate), the ablations
     inherit CLHA's choice, results record it, and a finished sweep is never retrained."""
     s = harness.settings
-    s["sweep"].update({"learning_rates": [1e-4, 1e-3, 1e-2], "taus": [0.1, 0.2, 0.5]})
+    s["sweep"].update({"learning_rates": [1e-4, 1e-3, 1e-2], "taus": [0.1, 0.2, 0.5],
+                       "extend_edges": 0})      # the grid's extension has its own test
     # dev reward at the last step, by (method, lr, tau): sft peaks at 1e-3; clha at 1e-4 in stage A, tau 0.5 in B
     dev = {("sft", 1e-4, None): 0.40, ("sft", 1e-3, None): 0.47, ("sft", 1e-2, None): 0.30,
            ("clha", 1e-4, 0.2): 0.52, ("clha", 1e-3, 0.2): 0.51, ("clha", 1e-2, 0.2): 0.20,
@@ -465,8 +466,8 @@ def test_longer_ranking_methods_train_on_sampled_candidates_with_the_n2_choice(h
 
 def test_longer_ranking_methods_take_the_tuning_of_their_n2_method(harness):
     s = harness.settings
-    s["sweep"].update({"learning_rates": [1e-4, 1e-3], "taus": [0.1]})
-    dev = {("clha", 1e-4, 0.2): 0.50, ("clha", 1e-3, 0.2): 0.52, ("clha", 2e-3, 0.2): 0.51, ("clha", 1e-3, 0.1): 0.55,
+    s["sweep"].update({"learning_rates": [1e-4, 1e-3], "taus": [0.1], "extend_edges": 0})
+    dev = {("clha", 1e-4, 0.2): 0.50, ("clha", 1e-3, 0.2): 0.52, ("clha", 1e-3, 0.1): 0.55,
            ("pro", 1e-4, None): 0.49, ("pro", 1e-3, None): 0.41}
     trained = []
 
@@ -484,13 +485,15 @@ def test_longer_ranking_methods_take_the_tuning_of_their_n2_method(harness):
     assert s["methods"]["pro_n3"]["learning_rate"] == 1e-4 and chosen["pro_n3"]["from"] == "pro"
 
 
-def test_a_best_learning_rate_at_the_grid_edge_extends_the_grid_upwards(harness):
-    """sft improves up to the top of the grid: 2x and 4x are tried (extend_up 2 caps it) and 4x is chosen; dpo's
-    2x is worse, so its grid stops there; a missing extension point leaves the sweep unfinished."""
+def test_a_best_learning_rate_at_the_grid_edge_extends_the_grid(harness):
+    """sft improves up to the top of the grid: 2x and 4x are tried (extend_edges 2 caps it) and 4x is chosen; dpo's
+    2x is worse, so its grid stops there; rrhf's best is the smallest rate: half, then a quarter, are tried; a
+    missing extension point leaves the sweep unfinished."""
     s = harness.settings
-    s["sweep"].update({"learning_rates": [1e-4, 1e-3], "extend_up": 2})
+    s["sweep"].update({"learning_rates": [1e-4, 1e-3], "extend_edges": 2})
     dev = {("sft", 1e-4): 0.40, ("sft", 1e-3): 0.45, ("sft", 2e-3): 0.47, ("sft", 4e-3): 0.50,
-           ("dpo", 1e-4): 0.44, ("dpo", 1e-3): 0.46, ("dpo", 2e-3): 0.43}
+           ("dpo", 1e-4): 0.44, ("dpo", 1e-3): 0.46, ("dpo", 2e-3): 0.43,
+           ("rrhf", 1e-4): 0.46, ("rrhf", 1e-3): 0.44, ("rrhf", 5e-5): 0.47, ("rrhf", 2.5e-5): 0.45}
     trained = []
 
     def train(method, seed, ckpt, logs, key, overrides=None, method_override=None):
@@ -499,15 +502,17 @@ def test_a_best_learning_rate_at_the_grid_edge_extends_the_grid_upwards(harness)
         return {"validation": [{"step": 0, "dev_reward": 0.45}, {"step": 4, "dev_reward": dev[point]}]}
 
     harness.train = train
-    harness.sweep(["sft", "dpo"])
+    harness.sweep(["sft", "dpo", "rrhf"])
     assert trained == [("sft", 1e-4), ("sft", 1e-3), ("sft", 2e-3), ("sft", 4e-3),
-                       ("dpo", 1e-4), ("dpo", 1e-3), ("dpo", 2e-3)]
+                       ("dpo", 1e-4), ("dpo", 1e-3), ("dpo", 2e-3),
+                       ("rrhf", 1e-4), ("rrhf", 1e-3), ("rrhf", 5e-5), ("rrhf", 2.5e-5)]   # best at the bottom: halved
     assert (harness.results / "sweep" / "sft_lr0.004_s1.json").is_file()
-    chosen = harness.apply_tuning(["sft", "dpo"])
+    chosen = harness.apply_tuning(["sft", "dpo", "rrhf"])
+    assert s["methods"]["rrhf"]["learning_rate"] == 5e-5 and chosen["rrhf"]["sweep_runs"] == 4
     assert s["methods"]["sft"]["learning_rate"] == 4e-3 and chosen["sft"]["sweep_runs"] == 4
     assert s["methods"]["dpo"]["learning_rate"] == 1e-3 and chosen["dpo"]["sweep_runs"] == 3
     (harness.results / "sweep" / "sft_lr0.002_s1.json").unlink()
-    with pytest.raises(compare.HarnessError, match="its extension to larger learning rates is missing"):
+    with pytest.raises(compare.HarnessError, match=r"extension beyond the grid \(the best rate was at its edge\)"):
         harness.apply_tuning(["sft"])
 
 
