@@ -933,8 +933,7 @@ class Harness:
             if method != BASE and t not in tuned:
                 tuned.append(t)
         records: List[Dict[str, Any]] = []
-        planned = sum(len(sw["learning_rates"]) + (len([t for t in sw["taus"] if t != self.preset_methods[m].get(
-            "reward_gap_threshold")]) if self.preset_methods[m].get("loss_type") == "clha" else 0) for m in tuned)
+        planned = self.planned_sweep_points(tuned)
 
         def point(method: str, lr: float, tau: Optional[float]) -> Dict[str, Any]:
             record = self.sweep_one(method, lr, tau, sw["seed"])
@@ -987,12 +986,17 @@ class Harness:
                                     != self.preset_methods.get(r["method"], {}).get("reward_gap_threshold"),
                                     r["method_settings"].get("reward_gap_threshold") or 0,
                                     r["method_settings"]["learning_rate"]))
-        sw = self.settings["sweep"]
-        planned = sum(len(sw["learning_rates"]) + (len([t for t in sw["taus"] if t != m.get("reward_gap_threshold")])
-                                                   if m.get("loss_type") == "clha" else 0)
-                      for name, m in self.preset_methods.items()
-                      if name != BASE and self.tuned_from(name) == name)
+        planned = self.planned_sweep_points([name for name in self.preset_methods
+                                             if name != BASE and self.tuned_from(name) == name])
         self.write_sweep_readme(records, max(planned, len(records)))
+
+    def planned_sweep_points(self, tuned: Sequence[str]) -> int:
+        """Points of the sweep's grid for these methods (each learning rate; CLHA's other taus), before any
+        extension at the grid's edges."""
+        sw = self.settings["sweep"]
+        return sum(len(sw["learning_rates"]) + (len([t for t in sw["taus"] if t != m.get("reward_gap_threshold")])
+                                                if m.get("loss_type") == "clha" else 0)
+                   for m in (self.preset_methods[name] for name in tuned))
 
     def write_sweep_readme(self, records: Sequence[Dict[str, Any]], planned: int) -> None:
         """results/<experiment>/sweep/README.md: the finished points of the dev sweep and how many are left."""
