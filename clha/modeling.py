@@ -16,6 +16,11 @@ What makes it cheap (see ``bench/train_step.py`` for the measured gains):
   (the logsumexp, computed in row chunks), and its backward writes ``onehot - softmax`` straight into a single
   gradient buffer. (Measured: no speed difference from log_softmax + gather at SmolLM2-135M size; it saves the
   transient full-vocabulary tensors of log_softmax's backward.)
+- ``logprob_head="chunked"`` (the training option ``--logprob_head chunked``) moves the output layer itself into
+  such a function (``head_token_logprobs``): the model's forward returns its final hidden states (its output
+  embeddings are swapped for a pass-through during that one call) and the logits exist one chunk of rows at a
+  time, in forward and again, recomputed, in backward: no [M, V] logits and no [M, V] gradient, for one more
+  output-layer matmul per step (see ``check_chunked_head`` for the models it refuses).
 
 Packed attention. The shared-prompt pattern (each response token sees its own prompt and the earlier tokens of
 its own response; examples never see each other) travels as three [rows, T] integer tensors and is built on the
@@ -41,14 +46,15 @@ import contextlib
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
 
 from clha.collate import shared_prompt_allowed, to_padded_batch
 
-__all__ = ["CandidateScores", "score_candidates", "token_logprobs", "supports_shared_prompt", "choose_layout",
+__all__ = ["CandidateScores", "score_candidates", "token_logprobs", "head_token_logprobs", "check_chunked_head",
+           "head_chunk_rows", "LOGPROB_HEADS", "supports_shared_prompt", "choose_layout",
            "check_shared_prompt", "packed_attention_mask", "shared_prompt_block_mask", "additive_shared_prompt_mask",
            "resolve_attn_implementation", "set_attn_implementation", "attn_implementation_as", "unwrap_model",
            "SHARED_PROMPT_MODEL_TYPES", "ATTN_IMPLEMENTATIONS"]
@@ -67,6 +73,17 @@ MASK_ALIGN = 16                  # elements; the row stride of an additive mask 
 MASK_CHUNK_BYTES = 1 << 24       # boolean temporaries of one query chunk while a mask is built
 MASK_CACHE_KEY = "_packed_attention_mask"
 LSE_CHUNK_ROWS = 256
+# Choices of the training option --logprob_head (see score_candidates).
+LOGPROB_HEADS = ("logits", "chunked")
+HEAD_CHUNK_BYTES = 1 << 24                 # float32 logits per chunk of head_token_logprobs on the CPU
+HEAD_CHUNK_BYTES_ACCELERATOR = 1 << 28     # ... and on a GPU
+# Config fields by which a model's forward changes the logits after its output layer, with their neutral values
+# (Gemma 2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier, ...):
+# the chunked head refuses such a model.
+LOGIT_TRANSFORM_FIELDS = {"final_logit_softcapping": (None,), "logit_scale": (None, 1, 1.0),
+                          "logits_scaling": (None, 1, 1.0), "output_multiplier": (None, 1, 1.0),
+                          "lm_head_multiplier": (None, 1, 1.0), "unpadded_vocab_size": (None,)}
+PRE_HEAD_LOGITS_SCALING = {"minicpm3"}     # its logits_scaling divides the hidden states before the output layer
 
 
 @dataclass
@@ -326,6 +343,25 @@ def packed_attention_mask(model, batch: Dict[str, Any]):
     return mask
 
 
+def _logit_grad_chunk(logits: Tensor, lse: Tensor, row_weight: Tensor, rows: Tensor, ids: Tensor,
+                      grad_out: Tensor, start: int, onehot: bool = True, overwrite: bool = False) -> Tensor:
+    """The gradient of ``sum_i grad_out[i] * logprob_i`` w.r.t. the logits rows start..start + len(logits) - 1, in
+    the accumulation dtype of ``lse`` (float32 at least): ``-row_weight[r] * softmax(logits[r])`` plus, with
+    ``onehot``, ``grad_out[i]`` at (rows[i], ids[i]) for every target i of the chunk. ``lse`` and ``row_weight``
+    (the summed upstream gradient of each row) are the chunk's slices; ``rows``, ``ids`` and ``grad_out`` are
+    whole. No host synchronisation: targets outside the chunk go to its first row with weight 0. ``overwrite``:
+    ``logits`` is a temporary that may hold the result (no second chunk-sized buffer)."""
+    soft = logits.to(lse.dtype)
+    soft = soft.sub_(lse[:, None]) if (overwrite or soft is not logits) else soft - lse[:, None]
+    soft.exp_()                                                             # softmax rows of this chunk
+    soft.mul_(-row_weight[:, None])
+    if onehot:
+        local = rows - start
+        inside = (local >= 0) & (local < soft.shape[0])
+        soft.index_put_((torch.where(inside, local, 0), ids), torch.where(inside, grad_out, 0.0), accumulate=True)
+    return soft
+
+
 class _TokenLogProb(torch.autograd.Function):
     """out[i] = logits[rows[i], ids[i]] - logsumexp(logits[rows[i], :]) without a [M, V] log_softmax tensor."""
 
@@ -358,14 +394,8 @@ class _TokenLogProb(torch.autograd.Function):
         exact = logits.dtype == lse.dtype          # float32/float64 logits: no rounding between the two terms
         for start in range(0, logits.shape[0], ctx.chunk):
             sl = slice(start, start + ctx.chunk)
-            soft = torch.exp(logits[sl].to(lse.dtype) - lse[sl, None])               # softmax rows of this chunk
-            soft.mul_(-row_weight[sl, None])
-            if not exact:
-                local = rows - start
-                inside = (local >= 0) & (local < soft.shape[0])
-                soft.index_put_((torch.where(inside, local, 0), ids), torch.where(inside, grad_out, 0.0),
-                                accumulate=True)
-            grad[sl] = soft
+            grad[sl] = _logit_grad_chunk(logits[sl], lse[sl], row_weight[sl], rows, ids, grad_out, start,
+                                         onehot=not exact)
         if exact:
             grad.index_put_((rows, ids), grad_out, accumulate=True)
         return grad, None, None, None
@@ -376,8 +406,172 @@ def token_logprobs(logits: Tensor, rows: Tensor, ids: Tensor, chunk_rows: int = 
     return _TokenLogProb.apply(logits, rows, ids, chunk_rows)
 
 
-def score_candidates(model, batch: Dict[str, Any]) -> CandidateScores:
-    """Summed / mean log-probs of every candidate's response tokens, all candidates in one ``model(...)`` call."""
+class _HeadTokenLogProb(torch.autograd.Function):
+    """out[i] = (hidden @ weight.T + bias)[rows[i], ids[i]] - logsumexp of that row, computed in row chunks: at no
+    time does more than one chunk of logits exist. Forward keeps hidden, the per-row logsumexp, rows and ids (weight
+    and bias by reference); backward recomputes each chunk's logits, forms their gradient as ``_TokenLogProb``
+    does (``_logit_grad_chunk``) and multiplies it out into the gradients of hidden, weight and bias.
+
+    ``dtype``: the dtype the head's matmul runs in (the autocast dtype under mixed precision, as ``nn.Linear``
+    would run there); inputs are cast to it explicitly, in backward too (where autocast is not active)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias, rows: Tensor, ids: Tensor, chunk: int,
+                dtype: torch.dtype):
+        M = hidden.shape[0]
+        acc = torch.promote_types(dtype, torch.float32)            # float32, or float64 for a float64 model
+        lse = torch.empty(M, dtype=acc, device=hidden.device)
+        target = torch.zeros(rows.shape[0], dtype=acc, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for start in range(0, M, chunk):
+                logits = torch.nn.functional.linear(hidden[start:start + chunk].to(dtype), w, b)
+                lse[start:start + chunk] = torch.logsumexp(logits.to(acc), dim=-1)
+                local = rows - start                                   # this chunk's targets, without a host sync
+                inside = (local >= 0) & (local < logits.shape[0])
+                picked = logits[torch.where(inside, local, 0), ids].to(acc)
+                target += torch.where(inside, picked, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, lse, rows, ids)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return target - lse[rows]
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        """Per chunk of rows: g = d out / d logits (float32 accumulation, one-hot added before any rounding, as in
+        ``_TokenLogProb.backward``), rounded to the matmul dtype; grad_hidden[chunk] = g @ W, grad_W += g.T @ h,
+        grad_bias += sum of g. The weight and bias gradients are summed over chunks in the accumulation dtype
+        (float32 at least: one weight-sized buffer) and returned in the parameters' dtypes."""
+        hidden, weight, bias, lse, rows, ids = ctx.saved_tensors
+        dtype, chunk = ctx.dtype, ctx.chunk
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = lse.dtype
+        grad_out = grad_out.to(acc)
+        row_weight = torch.zeros_like(lse).index_add_(0, rows, grad_out)      # sum of upstream grads per row
+        grad_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for start in range(0, hidden.shape[0], chunk):
+                sl = slice(start, start + chunk)
+                h = hidden[sl].to(dtype)
+                g = _logit_grad_chunk(torch.nn.functional.linear(h, w, b), lse[sl], row_weight[sl], rows, ids,
+                                      grad_out, start, overwrite=True)
+                if need_b:
+                    grad_b += g.sum(0)
+                g = g.to(dtype)
+                if need_h:
+                    torch.mm(g, w, out=grad_h[sl])
+                if need_w:
+                    if dtype == acc:
+                        grad_w.addmm_(g.t(), h)
+                    else:
+                        grad_w += torch.mm(g.t(), h)
+        return (None if grad_h is None else grad_h.to(hidden.dtype),
+                None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def head_chunk_rows(vocab_size: int, device: torch.device) -> int:
+    """Rows per chunk of ``head_token_logprobs``: a float32 chunk of logits of HEAD_CHUNK_BYTES (16 MiB on the CPU;
+    256 MiB on an accelerator, where the matmul needs some hundreds of rows to reuse each read of the weight)."""
+    budget = HEAD_CHUNK_BYTES if device.type == "cpu" else HEAD_CHUNK_BYTES_ACCELERATOR
+    return max(1, budget // (4 * max(1, vocab_size)))
+
+
+def head_token_logprobs(hidden: Tensor, weight: Tensor, bias, rows: Tensor, ids: Tensor,
+                        chunk_rows: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``token_logprobs(F.linear(hidden, weight, bias), rows, ids)`` without the [M, V] logits: the output layer is
+    applied chunk by chunk (``chunk_rows`` rows; default ``head_chunk_rows``), in forward and again in backward.
+    ``hidden`` [M, d], ``weight`` [V, d], ``bias`` [V] or None. ``dtype``: the matmul's dtype; default the
+    autocast dtype when autocast is on (as ``nn.Linear`` would compute), else that of hidden and weight."""
+    device_type = hidden.device.type
+    if dtype is None:
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else torch.promote_types(hidden.dtype, weight.dtype))
+    chunk = chunk_rows or head_chunk_rows(weight.shape[0], hidden.device)
+    return _HeadTokenLogProb.apply(hidden, weight, bias, rows, ids, chunk, dtype)
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for the output embeddings during a chunked-head forward: the model returns its final hidden
+    states as ``logits``."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return hidden_states
+
+
+def _scaled_logits_settings(config) -> list:
+    """The config fields by which the model's forward changes the logits after the output layer (soft-capping,
+    scaling, slicing), with values that do change them."""
+    found = []
+    configs = [config]
+    text = getattr(config, "get_text_config", None)
+    if callable(text) and text() is not config:
+        configs.append(text())
+    for cfg in configs:
+        for name, neutral in LOGIT_TRANSFORM_FIELDS.items():
+            if name == "logits_scaling" and getattr(cfg, "model_type", None) in PRE_HEAD_LOGITS_SCALING:
+                continue
+            value = getattr(cfg, name, None)
+            if value not in neutral:
+                found.append(f"{name}={value}")
+    return found
+
+
+def check_chunked_head(model) -> torch.nn.Linear:
+    """The output layer (an ``nn.Linear``) that ``logprob_head="chunked"`` applies itself, or ValueError when
+    ``model`` cannot be scored that way: no get/set_output_embeddings, an output layer that is not a plain linear
+    layer (e.g. with LoRA adapters of its own), logits soft-capped / scaled / sliced by the forward after the output
+    layer (the chunked head would skip that), or ZeRO-3 placeholder weights (the head's weight is gathered only
+    inside its own forward, which the chunked head does not call)."""
+    from clha.fast_engine import has_placeholder_parameters
+
+    inner = unwrap_model(model)
+    why = "logprob_head 'chunked' cannot score this model"
+    get, put = getattr(inner, "get_output_embeddings", None), getattr(inner, "set_output_embeddings", None)
+    head = get() if callable(get) and callable(put) else None
+    if head is None:
+        raise ValueError(f"{why}: it has no output embeddings to take over (get_output_embeddings / "
+                         f"set_output_embeddings); use logprob_head 'logits'")
+    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+        raise ValueError(f"{why}: its output layer is a {type(head).__name__}, not a plain torch.nn.Linear "
+                         f"(e.g. LoRA adapters on the output layer); use logprob_head 'logits'")
+    scaled = _scaled_logits_settings(getattr(inner, "config", None))
+    if scaled:
+        raise ValueError(f"{why}: its forward transforms the logits after the output layer ({', '.join(scaled)}); "
+                         f"use logprob_head 'logits'")
+    if has_placeholder_parameters(inner):
+        raise ValueError(f"{why}: its weights are ZeRO-3 placeholders (partitioned across processes); use "
+                         f"logprob_head 'logits'")
+    return head
+
+
+@contextlib.contextmanager
+def _output_layer_bypassed(model):
+    """For one forward call: the model's output embeddings replaced by ``_PassThrough`` (the wrapper, DDP /
+    DeepSpeed / accelerate, still runs its own forward), the original put back afterwards, also on an error."""
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings()
+    inner.set_output_embeddings(_PassThrough())
+    try:
+        yield head
+    finally:
+        inner.set_output_embeddings(head)
+
+
+def score_candidates(model, batch: Dict[str, Any], logprob_head: str = "logits") -> CandidateScores:
+    """Summed / mean log-probs of every candidate's response tokens, all candidates in one ``model(...)`` call.
+
+    ``logprob_head``: "logits" (the model's forward computes the logits at the kept positions, then
+    ``token_logprobs``) or "chunked" (the forward returns the final hidden states, its output layer swapped for a
+    pass-through for that call, and ``head_token_logprobs`` applies the output layer chunk by chunk: the [M, V]
+    logits and their gradient never exist; see ``check_chunked_head`` for the models it refuses)."""
+    if logprob_head not in LOGPROB_HEADS:
+        raise ValueError(f"logprob_head must be one of {LOGPROB_HEADS}, got {logprob_head!r}")
+    head = check_chunked_head(model) if logprob_head == "chunked" else None
     batch = _resolve_layout(model, batch)
     inputs: Dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     if batch["layout"] == "shared_prompt":
@@ -387,13 +581,22 @@ def score_candidates(model, batch: Dict[str, Any]) -> CandidateScores:
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     keep = batch["logits_to_keep"]
-    if _accepts_logits_to_keep(model):
-        inputs["logits_to_keep"] = keep
-        logits = model(**inputs).logits                                       # [rows, U, V]
-    else:
-        logits = model(**inputs).logits.index_select(1, keep)
+    with (_output_layer_bypassed(model) if head is not None else contextlib.nullcontext()):
+        if _accepts_logits_to_keep(model):
+            inputs["logits_to_keep"] = keep
+            logits = model(**inputs).logits                                   # [rows, U, V] ([rows, U, d] chunked)
+        else:
+            logits = model(**inputs).logits.index_select(1, keep)
     logits = logits.reshape(-1, logits.shape[-1])
-    token_logps = token_logprobs(logits, batch["target_rows"], batch["target_ids"])
+    if head is None:
+        token_logps = token_logprobs(logits, batch["target_rows"], batch["target_ids"])
+    else:
+        if logits.shape[-1] != head.in_features:
+            raise ValueError(f"logprob_head 'chunked': the model returned {logits.shape[-1]} features per position "
+                             f"with its output layer bypassed, not the {head.in_features} the layer takes (its "
+                             f"forward does not go through get_output_embeddings()); use logprob_head 'logits'")
+        token_logps = head_token_logprobs(logits, head.weight, head.bias, batch["target_rows"], batch["target_ids"],
+                                          dtype=_compute_dtype(model, logits.device))
     counts = batch["token_counts"]
     B, n = counts.shape
     sums = token_logps.new_zeros(B * n).index_add(0, batch["target_candidate"], token_logps).view(B, n)

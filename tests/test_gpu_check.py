@@ -20,8 +20,11 @@ def test_tiny_cpu_run_reports_every_section(repo_root, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OUT="",
                PYTHONPATH=os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")])))
+    # --cpu-compile eager: the compiled step-time row traces with dynamo only (the default aot_eager also traces the
+    # backward: about 12 s more CPU time)
     proc = subprocess.run([sys.executable, str(repo_root / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny",
-                           "--out", str(out)], cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+                           "--cpu-compile", "eager", "--out", str(out)], cwd=repo_root, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["finished"] and result["device"] == "cpu" and result["tiny"]
@@ -45,8 +48,30 @@ def test_tiny_cpu_run_reports_every_section(repo_root, tmp_path):
     ref, sdpa = step["reference (one forward per candidate, full log_softmax)"], step["trainer, SDPA + 4D mask"]
     assert ref["seconds_per_step"] > 0 and sdpa["seconds_per_step"] > 0
     assert all(x == x for x in ref["losses"] + sdpa["losses"])         # finite, no NaN
-    gen = sections["generation"]["data"]["results"]
+    # the compiled row: on the CPU the SDPA step under torch.compile, one graph for both batch lengths
+    compiled = step["trainer, SDPA + 4D mask, torch.compile (eager; CPU stand-in)"]
+    assert compiled["seconds_per_step"] > 0 and compiled["compile_seconds"] >= 0
+    assert len(compiled["warmup_step_times"]) == gpu_check.TINY_WORK["step"]["compile_warmup"]
+    assert all(x == x for x in compiled["losses"])
+    assert compiled["dynamo"]["unique_graphs"] >= 1 and compiled["dynamo"]["recompiles"] == 0
+    assert any(c["name"].startswith("trainer, SDPA + 4D mask, torch.compile") and "(goal)" in c["name"]
+               for c in checks)
+    gen_data = sections["generation"]["data"]
+    gen = gen_data["results"]
     assert gen["stops"]["fast"]["length"] == gen["stops"]["hf"]["length"] == gpu_check.TINY_WORK["gen"]["prompts"]
+    for label in (gpu_check.GEN_FAST, gpu_check.GEN_HF, gpu_check.GEN_PLAIN, gpu_check.GEN_PLAIN_SORTED_STOP):
+        assert gen[label]["new_tokens_per_s"] > 0, label
+    # the profile of one batch per variant (CPU activity only here): every model forward counted, decode steps
+    # = new tokens - 1 (the first new token comes from the prefill)
+    profile = gen_data["profile"]
+    assert set(profile["variants"]) == {"fast_engine", "hf_engine", "plain_generate", "plain_generate_sorted_stop"}
+    new_tokens = gpu_check.TINY_WORK["gen"]["profile_new_tokens"]
+    for part, res in profile["variants"].items():
+        assert res["decode_steps"] == new_tokens - 1 and res["forwards"]["prefill"] >= 1, (part, res["forwards"])
+        assert res["wall_s"] > 0 and set(gpu_check.PROFILE_WATCH) < set(res["calls"])
+        assert 0 < len(res["top_self_cpu"]) <= gpu_check.PROFILE_TOP and res["top_self_cuda"] == []
+        assert res["per_decode_step"]["wall_ms"] > 0
+    assert profile["variants"]["plain_generate"]["calls"]["aten::item"] >= new_tokens - 1   # generate's stop check
     table = (out / "gpu_check.md").read_text()
     assert "| section | figure | value |" in table and "PASS loss_parity: CPU bf16 autocast" in table
     assert (out / "gpu_check.log").read_text().count("== ") >= 2 * len(gpu_check.SECTIONS) - 1
@@ -84,6 +109,29 @@ def test_a_failing_or_slow_section_does_not_stop_the_others(tmp_path, monkeypatc
     assert sections["cuda_tests"]["status"] == "timeout"
     assert sections["loss_parity"]["status"] == "partial" and "inner" in sections["loss_parity"]["errors"]
     assert "PASS loss_parity: a figure" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_a_part_time_limit_fails_that_part_and_keeps_the_section_limit(tmp_path, monkeypatch):
+    ctx = gpu_check.Context(tmp_path, "cpu", True, budget=60, argv=[])
+    after = []
+
+    def section(ctx):
+        with ctx.part("compiled"):
+            with gpu_check.part_time_limit(0.3, margin=0.1):
+                time.sleep(10)
+        after.append(time.monotonic())
+        ctx.check("checked after the part", 1.0, "<", 2.0)
+        time.sleep(10)                                  # the section's own limit (2 s) still stops this
+
+    monkeypatch.setitem(gpu_check.SECTION_FUNCS, "step_time", section)
+    monkeypatch.setitem(gpu_check.SECTION_LIMITS, "step_time", 2.0)
+    start = time.monotonic()
+    gpu_check.run_section(ctx, "step_time")
+    assert after and after[0] - start < 1.5               # the part stopped at its own limit
+    assert time.monotonic() - start < 5
+    sec = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["step_time"]
+    assert sec["status"] == "timeout" and sec["errors"]["compiled"].startswith("PartTimeout")
+    assert "PASS step_time: checked after the part" in (tmp_path / "gpu_check.md").read_text()
 
 
 @pytest.mark.parametrize("nodeid, markers, reasons, wanted", [

@@ -114,7 +114,7 @@ class ReferenceMixin:
         from clha.modeling import score_candidates
 
         with adapters_disabled(self.peft_model):
-            return score_candidates(self.model, batch).sum_logps.float()
+            return score_candidates(self.model, batch, logprob_head=self.cfg.logprob_head).sum_logps.float()
 
     def _load_reference(self, path: Path) -> None:
         saved = torch.load(path, map_location="cpu", weights_only=True)

@@ -130,6 +130,12 @@ class Trainer(CheckpointMixin, ReferenceMixin, ValidationMixin, RecordsMixin):
         self.collator = RankedCollator(self.tokenizer, cfg.block_size, cfg.training_stage_num,
                                        layout=cfg.candidate_layout, model=model, max_row_tokens=cfg.max_row_tokens,
                                        append_eos=cfg.append_eos)
+        if cfg.logprob_head == "chunked":               # refuse a model it cannot score before the first step
+            from clha.modeling import check_chunked_head
+            try:
+                check_chunked_head(model)
+            except ValueError as err:
+                raise InputError(str(err), field="logprob_head") from None
         self.world = acc.num_processes
         self.steps_per_epoch = steps_per_epoch(len(self.train_examples), cfg.per_device_train_batch_size,
                                                self.world, cfg.gradient_accumulation_steps) if self.train_examples else 0
@@ -137,7 +143,10 @@ class Trainer(CheckpointMixin, ReferenceMixin, ValidationMixin, RecordsMixin):
         if cfg.max_train_steps:
             total = min(total, cfg.max_train_steps)
         self.total_steps = total
-        optimizer = torch.optim.AdamW(adamw_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+        # fused AdamW (one fused kernel per tensor group, faster than foreach) when accelerate puts every trainable
+        # parameter on CUDA; torch's default (foreach) elsewhere and under DeepSpeed, which wraps the optimizer itself
+        optimizer = torch.optim.AdamW(adamw_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                      fused=(acc.device.type == "cuda" and self._deepspeed_precision() is None) or None)
         # The scheduler is stepped once per optimizer step by this loop (not by accelerate, which would
         # step it once per process) and checkpointed through register_for_checkpointing.
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -235,7 +244,7 @@ class Trainer(CheckpointMixin, ReferenceMixin, ValidationMixin, RecordsMixin):
                 cpu_batch["ref_sum_logps"] = self._reference_rows(idx)
             batch = self._to_device(cpu_batch)
             with acc.accumulate(self.model):
-                scores = score_candidates(self.model, batch)
+                scores = score_candidates(self.model, batch, logprob_head=cfg.logprob_head)
                 ref = batch.get("ref_sum_logps")
                 out = compute_loss(cfg.loss_type, scores, batch["rewards"].to(scores.sum_logps), batch["sft_index"],
                                    ref_sum_logps=None if ref is None else ref.to(scores.sum_logps),
