@@ -320,10 +320,10 @@ def test_dpo_reference_scores_only_the_run_steps_in_their_micro_batches(tmp_path
     real = clha.modeling.score_candidates
     reference_batches = []
 
-    def counting(model, batch):
+    def counting(model, batch, **kwargs):
         if not torch.is_grad_enabled():                     # the reference pass
             reference_batches.append(sorted(int(i.split(":")[1]) - 1 for i in batch["example_ids"]))
-        return real(model, batch)
+        return real(model, batch, **kwargs)
 
     monkeypatch.setattr(clha.modeling, "score_candidates", counting)
     data = _write_data(tmp_path, num=40)
