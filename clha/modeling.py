@@ -550,14 +550,14 @@ def check_chunked_head(model) -> torch.nn.Linear:
 
 
 @contextlib.contextmanager
-def _output_layer_bypassed(model):
-    """For one forward call: the model's output embeddings replaced by ``_PassThrough`` (the wrapper, DDP /
-    DeepSpeed / accelerate, still runs its own forward), the original put back afterwards, also on an error."""
+def _output_layer_bypassed(model, head: torch.nn.Module):
+    """For one forward call: the model's output embeddings (``head``, from ``check_chunked_head``) replaced by
+    ``_PassThrough`` (the wrapper, DDP / DeepSpeed / accelerate, still runs its own forward), put back afterwards,
+    also on an error."""
     inner = unwrap_model(model)
-    head = inner.get_output_embeddings()
     inner.set_output_embeddings(_PassThrough())
     try:
-        yield head
+        yield
     finally:
         inner.set_output_embeddings(head)
 
@@ -581,7 +581,7 @@ def score_candidates(model, batch: Dict[str, Any], logprob_head: str = "logits")
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     keep = batch["logits_to_keep"]
-    with (_output_layer_bypassed(model) if head is not None else contextlib.nullcontext()):
+    with (_output_layer_bypassed(model, head) if head is not None else contextlib.nullcontext()):
         if _accepts_logits_to_keep(model):
             inputs["logits_to_keep"] = keep
             logits = model(**inputs).logits                                   # [rows, U, V] ([rows, U, d] chunked)
