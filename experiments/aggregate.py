@@ -352,6 +352,23 @@ def render_tables(summary: Dict[str, Any]) -> List[str]:
     return out
 
 
+def render_migrations(runs: Sequence[Dict[str, Any]]) -> List[str]:
+    """A protocol line per distinct `fingerprint_migration` record: results whose fingerprints were re-expressed
+    under a later fingerprint definition, with what showed that the models and data are the same."""
+    seen: Dict[str, List[str]] = {}
+    for r in runs:
+        m = r.get("fingerprint_migration")
+        if m:
+            seen.setdefault(json.dumps(m, sort_keys=True), []).append(r["run"])
+    lines = []
+    for text, names in seen.items():
+        m = json.loads(text)
+        changed = ", ".join(f"{k} `{v['from']}` -> `{v['to']}`" for k, v in sorted(m.get("fingerprints", {}).items()))
+        lines.append(f"- Fingerprints re-expressed on {m.get('date', '?')} for {len(names)} run(s) ({changed}): "
+                     f"{m.get('why', '')} Evidence: {m.get('evidence', '')}")
+    return lines
+
+
 def render_protocol(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> List[str]:
     first = runs[0]
     proto = first["protocol"]
@@ -372,6 +389,7 @@ def render_protocol(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> 
              f"- Reward models: `train_rm` (fingerprint `{rms['train_rm']}`) ranks the training pairs and scores the "
              f"dev generations that select the checkpoint; `eval_rm` (fingerprint `{rms['eval_rm']}`) judges the "
              "test responses. Fingerprint: sha256 over the model's weight, config and tokenizer files.",
+             *render_migrations(runs),
              f"- Data (fingerprint `{first.get('data_fingerprint')}`): step 1 with disjoint prompt-grouped partitions"
              f"{' of the first %d raw lines per subset' % d['raw_lines_per_subset'] if d.get('raw_lines_per_subset') else ''}"
              f", steps 2-3 ranked by `train_rm` only: {data.get('train_pairs', '?')} training pairs, "

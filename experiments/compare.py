@@ -80,9 +80,12 @@ CANDIDATE_KEYS = ("k", "temperature", "top_p", "max_new_tokens", "seed")
 # Method settings passed to train/main.py as --<key>=<value> (the rest of a method's dict is description).
 TRAIN_FLAGS = ("loss_type", "learning_rate", "dpo_beta", "temperature", "sft_weight", "rank_margin",
                "reward_gap_threshold", "sft_reward_threshold")
-# Files whose bytes define a model (its fingerprint); logs and evaluation figures in the folder are not.
+# Files whose bytes define a model (its fingerprint); logs, evaluation figures and provenance records in the folder
+# are not. `reward_training_config.json` records how a reward model was trained, with the absolute paths of the
+# machine that trained it: the same weights rebuilt in another checkout must keep their fingerprint.
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".json", ".txt", ".model")
-MODEL_FILE_EXCLUDE = ("eval_results.json", "training_args.json", "train_log.jsonl", "metrics.jsonl")
+MODEL_FILE_EXCLUDE = ("eval_results.json", "training_args.json", "train_log.jsonl", "metrics.jsonl",
+                      "reward_training_config.json")
 
 
 class HarnessError(RuntimeError):
@@ -317,15 +320,26 @@ def planned_runs(settings: Dict[str, Any], methods: Sequence[str]) -> List[Tuple
 
 
 # ============================================================================================== fingerprints
-def files_fingerprint(files: Iterable[Path], root: Optional[Path] = None, length: int = 16) -> str:
-    """sha256 over (relative name, bytes) of the files in sorted order, as a short hex string."""
+def files_fingerprint(files: Iterable[Path], root: Optional[Path] = None, length: int = 16,
+                      placeholders: Optional[Dict[str, str]] = None) -> str:
+    """sha256 over (relative name, bytes) of the files in sorted order, as a short hex string.
+
+    `placeholders` maps a string (e.g. a checkout's absolute path recorded in the files) to a stand-in that is hashed
+    in its place, so that the same content written from another checkout has the same fingerprint."""
     digest = hashlib.sha256()
+    swaps = [(old.encode(), new.encode()) for old, new in (placeholders or {}).items() if old]
     for f in sorted(Path(p) for p in files):
         name = str(f.relative_to(root)) if root else f.name
         digest.update(name.encode() + b"\0")
-        with open(f, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        if swaps:
+            data = f.read_bytes()
+            for old, new in swaps:
+                data = data.replace(old, new)
+            digest.update(data)
+        else:
+            with open(f, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
         digest.update(b"\0")
     return digest.hexdigest()[:length]
 
@@ -647,7 +661,11 @@ class Harness:
         return out
 
     def data_fingerprint(self) -> str:
-        return files_fingerprint(self.data_files().values(), self.data_dir)
+        """Fingerprint of the data files. Each row records where its rewards came from (`meta.reward_source`: the
+        train_rm folder's absolute path), which differs between checkouts: the path is hashed as "<train_rm>", so
+        the same rewards written from another checkout keep the fingerprint (and the results made with them)."""
+        rm_path = json.dumps(str(self.reward_model_path("train_rm")))[1:-1]
+        return files_fingerprint(self.data_files().values(), self.data_dir, placeholders={rm_path: "<train_rm>"})
 
     def train_subset(self, seed: int) -> Path:
         """The training examples of every run with this seed: a seeded sample of the ranked training file

@@ -550,3 +550,70 @@ def test_the_tiny_preset_runs_end_to_end_and_resumes(tmp_path, shared_data, caps
     capsys.readouterr()
     assert compare.main(argv) == 0                              # everything current: nothing runs
     assert "launch" not in capsys.readouterr().out
+
+
+def test_a_model_fingerprint_covers_weights_config_and_tokenizer_not_logs_or_machine_paths(tmp_path):
+    folder = tmp_path / "rm"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text('{"hidden_size": 4}')
+    (folder / "tokenizer.json").write_text('{"vocab": {}}')
+    (folder / "reward_training_config.json").write_text('{"output_dir": "/work/a/resources/rm"}')
+    (folder / "eval_results.json").write_text('{"accuracy": 0.7}')
+    (folder / "heldout_scores.jsonl").write_text('{"score": 1}\n')
+    first = compare.model_fingerprint(folder)
+    # the same model trained in another checkout: only the provenance record and the figures differ
+    (folder / "reward_training_config.json").write_text('{"output_dir": "/work/b/resources/rm"}')
+    (folder / "eval_results.json").write_text('{"accuracy": 0.8}')
+    (folder / "heldout_scores.jsonl").write_text('{"score": 2}\n')
+    assert compare.model_fingerprint(folder) == first
+    for name, data in (("model.safetensors", b"weights2"), ("config.json", b'{"hidden_size": 5}'),
+                       ("tokenizer.json", b'{"vocab": {"a": 0}}')):
+        old = (folder / name).read_bytes()
+        (folder / name).write_bytes(data)
+        assert compare.model_fingerprint(folder) != first, name
+        (folder / name).write_bytes(old)
+    assert compare.model_fingerprint(folder) == first
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(compare.HarnessError, match="no weight file"):
+        compare.model_fingerprint(folder)
+
+
+def test_the_data_fingerprint_does_not_depend_on_the_checkout_that_wrote_the_data(tmp_path):
+    """Rows record the train_rm folder they were scored by (an absolute path); the same rewards written from two
+    checkouts have one fingerprint, and different rewards do not."""
+    def harness_at(checkout):
+        settings = compare.resolve_settings("cpu")
+        settings["paths"]["reward_models_dir"] = str(checkout / "resources" / "reward_models")
+        return compare.Harness(settings, work_dir=tmp_path / checkout.name, results_dir=tmp_path / "results")
+
+    def write_data(h, reward):
+        source = f"reward_model:{h.reward_model_path('train_rm')}"
+        for path in h.data_files().values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"suffix": ["a", "b"], "reward": [reward, 0.5],
+                                        "meta": {"reward_source": source}}) + "\n")
+
+    a, b = harness_at(tmp_path / "clone_a"), harness_at(tmp_path / "clone_b")
+    write_data(a, 1.25)
+    write_data(b, 1.25)
+    assert str(a.reward_model_path("train_rm")) in a.data_files()["train"].read_text()
+    assert a.data_fingerprint() == b.data_fingerprint()
+    write_data(b, 1.2500001)
+    assert a.data_fingerprint() != b.data_fingerprint()
+    # plain files_fingerprint (no placeholders) still sees every byte
+    write_data(b, 1.25)
+    assert (compare.files_fingerprint(a.data_files().values(), a.data_dir)
+            != compare.files_fingerprint(b.data_files().values(), b.data_dir))
+
+
+def test_a_fingerprint_migration_is_reported_in_the_protocol(tmp_path, runs):
+    migration = {"date": "2026-12-01", "fingerprints": {"train_rm": {"from": "old1", "to": "aaaa"}},
+                 "why": "the definition changed.", "evidence": "identical rewards."}
+    runs[0]["fingerprint_migration"] = runs[1]["fingerprint_migration"] = migration
+    write_runs(tmp_path, runs)
+    agg.write_report(tmp_path, n_boot=50)
+    text = (tmp_path / "README.md").read_text()
+    assert ("- Fingerprints re-expressed on 2026-12-01 for 2 run(s) (train_rm `old1` -> `aaaa`): the definition "
+            "changed. Evidence: identical rewards.") in text
+    assert text.count("Fingerprints re-expressed") == 1
