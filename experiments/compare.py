@@ -743,15 +743,51 @@ class Harness:
     def run_key(self, method: str, seed: Optional[int]) -> Dict[str, Any]:
         """What a stored result must match to be reused."""
         return {"format": RESULT_FORMAT, "method": method, "seed": seed, "protocol": protocol(self.settings),
-                "method_settings": method_settings(self.settings, method),
-                "reward_models": {k: self.fingerprints[k] for k in ("train_rm", "eval_rm")},
-                "policy_fingerprint": self.fingerprints["policy"], "data_fingerprint": self._data_fp}
+                "method_settings": method_settings(self.settings, method), **self.models_key()}
 
     @property
     def _data_fp(self) -> str:
         if "_data_fp" not in self.__dict__:
             self.__dict__["_data_fp"] = self.data_fingerprint()
         return self.__dict__["_data_fp"]
+
+    def models_key(self) -> Dict[str, Any]:
+        """The models and data every stored result of this experiment must have been made with to be reused."""
+        return {"reward_models": {k: self.fingerprints[k] for k in ("train_rm", "eval_rm")},
+                "policy_fingerprint": self.fingerprints["policy"], "data_fingerprint": self._data_fp}
+
+    def results_of_other_models(self) -> List[Tuple[Path, Dict[str, Tuple[Any, Any]]]]:
+        """Stored results (runs and sweep points) made with other reward models, policy or data than the current
+        ones: (path, {field: (stored, current)})."""
+        current, found = self.models_key(), []
+        for path in sorted([*self.results.glob("runs/*.json"), *self.results.glob("sweep/*.json")]):
+            data = read_json(path)
+            if data is None or "reward_models" not in data:
+                continue
+            diffs = {k: (data.get(k), v) for k, v in current.items() if data.get(k) != v}
+            if diffs:
+                found.append((path, diffs))
+        return found
+
+    def check_models_of_stored_results(self, allow: bool = False) -> None:
+        """Stop before anything is trained when stored results were made with other models or data (e.g. the reward
+        models were rebuilt differently on a new machine): redoing them would silently replace hours of results.
+        With `allow` (--replace-results-of-other-models) they are logged and redone as they come."""
+        found = self.results_of_other_models()
+        if not found:
+            return
+        path, diffs = found[0]
+        field, (stored, current) = next(iter(diffs.items()))
+        example = (f"{path.relative_to(self.results)}: {field} {json.dumps(stored)}, now {json.dumps(current)}")
+        if allow:
+            logger.warning("%d stored result(s) were made with other models or data (%s): they will be redone",
+                           len(found), example)
+            return
+        raise HarnessError(
+            f"{len(found)} stored result(s) in {self.results} were made with other reward models, policy or data than "
+            f"the current ones (e.g. {example}), and redoing them would replace them. If the models or data changed "
+            "on purpose, rerun with --replace-results-of-other-models; to keep those results, restore the models "
+            "they were made with (see their fingerprints) or write new results elsewhere with --experiment NAME.")
 
     def result_path(self, method: str, seed: Optional[int]) -> Path:
         return self.results / "runs" / f"{run_name(method, seed)}.json"
@@ -1089,9 +1125,7 @@ class Harness:
         overrides = {"validation_every": t["max_train_steps"] or 10 ** 9, "validation_prompts": sw["dev_prompts"],
                      "validation_max_new_tokens": sw["max_new_tokens"]}
         return {"format": SWEEP_FORMAT, "method": method, "seed": seed, "protocol": protocol(self.settings),
-                "sweep_overrides": overrides, "method_settings": tuned,
-                "reward_models": {k: self.fingerprints[k] for k in ("train_rm", "eval_rm")},
-                "policy_fingerprint": self.fingerprints["policy"], "data_fingerprint": self._data_fp}
+                "sweep_overrides": overrides, "method_settings": tuned, **self.models_key()}
 
     def sweep_one(self, method: str, lr: float, tau: Optional[float], seed: int) -> Dict[str, Any]:
         path = self.sweep_point_path(method, lr, tau, seed)
@@ -1220,6 +1254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tune", action="store_true",
                    help="use the preset's (and --set) learning rates and tau as given, no dev sweep")
     p.add_argument("--dry-run", action="store_true", help="print the settings and the runs' status, run nothing")
+    p.add_argument("--replace-results-of-other-models", action="store_true",
+                   help="go on when stored results (runs or sweep points) were made with other reward models, "
+                        "policy or data than the current ones: they are redone and replaced (without this flag the "
+                        "command stops before training anything and names them)")
     p.add_argument("--keep-checkpoints", choices=("best", "all", "none"), default=None,
                    help="after a run is recorded keep its best checkpoint (default), all, or none")
     p.add_argument("--work-dir", type=Path, default=None,
@@ -1252,6 +1290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             harness.stage_installs()
             harness.stage_models()
             harness.stage_data()
+            harness.check_models_of_stored_results(allow=args.replace_results_of_other_models)
             tune = settings["sweep"]["tune"] and not args.no_tune
             if args.sweep or tune:
                 records = harness.sweep([m for m in methods if m != BASE])
@@ -1283,6 +1322,12 @@ def dry_run(harness: Harness, runs: Sequence[Tuple[str, Optional[int]]], tune: b
             harness.stage_models()   # builds nothing when the models exist; fingerprints them
             checked = all(p.is_file() for p in harness.data_files().values())
     print(f"\nexperiment {harness.experiment}: results in {harness.results}")
+    if checked:
+        other = harness.results_of_other_models()
+        if other:
+            print(f"  {len(other)} stored result(s) were made with other models or data: the command stops before "
+                  "training unless --replace-results-of-other-models is given; e.g. "
+                  + ", ".join(f"{p.relative_to(harness.results)} ({', '.join(d)})" for p, d in other[:3]))
     if checked and tune:
         try:
             for method, t in harness.apply_tuning([m for m, _ in runs]).items():

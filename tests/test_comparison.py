@@ -617,3 +617,24 @@ def test_a_fingerprint_migration_is_reported_in_the_protocol(tmp_path, runs):
     assert ("- Fingerprints re-expressed on 2026-12-01 for 2 run(s) (train_rm `old1` -> `aaaa`): the definition "
             "changed. Evidence: identical rewards.") in text
     assert text.count("Fingerprints re-expressed") == 1
+
+
+def test_results_made_with_other_models_stop_the_command_unless_replacing_is_asked_for(harness, caplog):
+    harness.check_models_of_stored_results()            # nothing stored: nothing to say
+    current = {**harness.run_key("sft", 1), "run": "sft_s1"}
+    compare.write_result(harness.result_path("sft", 1), current)
+    compare.write_result(harness.results / "sweep" / "sft_lr1e-05_s1.json",
+                         {**current, "reward_models": {"train_rm": "aaaa", "eval_rm": "old"}})
+    compare.write_result(harness.result_path("clha", 1), {**current, "data_fingerprint": "old-data"})
+    (harness.results / "runs" / "notes.json").write_text("{}")    # not a result: ignored
+    found = harness.results_of_other_models()
+    assert [(p.relative_to(harness.results).as_posix(), sorted(d)) for p, d in found] == [
+        ("runs/clha_s1.json", ["data_fingerprint"]), ("sweep/sft_lr1e-05_s1.json", ["reward_models"])]
+    assert found[0][1]["data_fingerprint"] == ("old-data", "dddd")
+    with pytest.raises(compare.HarnessError, match=r"2 stored result\(s\) .* runs/clha_s1.json: data_fingerprint "
+                                                   r"\"old-data\", now \"dddd\".*--replace-results-of-other-models"):
+        harness.check_models_of_stored_results()
+    harness.check_models_of_stored_results(allow=True)  # logged, then the runs are redone as they come
+    assert "2 stored result(s) were made with other models or data" in caplog.text
+    # the current result is untouched and still current
+    assert harness.result_is_current("sft", 1)
