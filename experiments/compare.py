@@ -1301,11 +1301,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 harness.tuning = harness.apply_tuning(methods)
                 for method, t in harness.tuning.items():
                     logger.info("%s: tuned on dev: %s (best sweep run %s)", method, t["chosen"], t["best_sweep_run"])
+            expected = [run_name(m, s) for m, s in runs]
             for i, (method, seed) in enumerate(runs, 1):
                 logger.info("=== run %d/%d: %s", i, len(runs), run_name(method, seed))
-                harness.run_one(method, seed)
-            aggregate.write_report(harness.results, expected=[run_name(m, s) for m, s in runs],
-                                   protocol=protocol(settings))
+                if harness.run_one(method, seed) is not None and i < len(runs):
+                    # the table grows with every finished run (an interrupted pass leaves it current)
+                    aggregate.write_report(harness.results, expected=expected, protocol=protocol(settings))
+            aggregate.write_report(harness.results, expected=expected, protocol=protocol(settings))
     except (HarnessError, aggregate.AggregationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

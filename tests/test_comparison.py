@@ -638,3 +638,32 @@ def test_results_made_with_other_models_stop_the_command_unless_replacing_is_ask
     assert "2 stored result(s) were made with other models or data" in caplog.text
     # the current result is untouched and still current
     assert harness.result_is_current("sft", 1)
+
+
+def test_the_table_is_rewritten_after_every_finished_run(tmp_path, monkeypatch):
+    """An interrupted pass leaves results/<experiment>/README.md current with the runs finished so far."""
+    events = []
+    for stage in ("stage_installs", "stage_models", "stage_data", "check_models_of_stored_results"):
+        monkeypatch.setattr(compare.Harness, stage, lambda self, *a, **k: None)
+    done = {"base": "skipped"}      # base's result is current: run_one returns None, no rewrite for it
+
+    def run_one(self, method, seed):
+        name = compare.run_name(method, seed)
+        events.append(("run", name))
+        if done.get(name) == "skipped":
+            return None
+        if name == "clha_s1" and done.get(name) != "ok":
+            raise compare.HarnessError("killed")
+        return self.result_path(method, seed)
+
+    monkeypatch.setattr(compare.Harness, "run_one", run_one)
+    monkeypatch.setattr(agg, "write_report",
+                        lambda results, expected=None, protocol=None, **k: events.append(("report", len(expected))))
+    argv = ["--preset", "tiny", "--no-tune", "--methods", "base", "sft", "clha", "--seeds", "1",
+            "--work-dir", str(tmp_path), "--results-dir", str(tmp_path / "results")]
+    assert compare.main(argv) == 2                               # the clha run failed
+    assert events == [("run", "base"), ("run", "sft_s1"), ("report", 3), ("run", "clha_s1")]
+    events.clear()
+    monkeypatch.setitem(done, "clha_s1", "ok")
+    assert compare.main(argv) == 0
+    assert events == [("run", "base"), ("run", "sft_s1"), ("report", 3), ("run", "clha_s1"), ("report", 3)]
