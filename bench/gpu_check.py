@@ -25,7 +25,10 @@ results are rewritten after every section, so a timeout keeps what finished:
                  with FlexAttention over one unpadded row per micro-batch (``--max_row_tokens 0``), and last
                  that one under ``torch.compile(model, dynamic=True)`` (its own time limit; compile time reported
                  on its own; on the CPU the SDPA step stands in, compiled with ``--cpu-compile``).
-                 s/step, tokens/s, peak memory, MFU, ratio to the reference.
+                 s/step, tokens/s, peak memory, MFU, ratio to the reference; for the reference, SDPA and the
+                 one-row FlexAttention step, one more step under torch.profiler: wall vs GPU busy time, GPU time
+                 by kernel kind (matmul, attention, optimizer, copies / casts, other), syncs and launches per step,
+                 top ops, so that a missed MFU goal says where the step's time goes.
 5. generation    new tokens/s of clha.generation's fast engine, its HF-generate engine, plain
                  ``model.generate`` in input order and plain ``model.generate`` over longest-first batches with the
                  HF-generate engine's stopping criteria (SmolLM2-135M shapes, bf16, greedy, 64 prompts, 128 new
@@ -43,7 +46,8 @@ The numerator is the same for every method, so MFU ratios are speed ratios.
 
 Outputs (``--out``, default $OUT or bench/results/gpu_check): gpu_check.log (everything printed),
 gpu_check.json (every figure, check and section status), gpu_check.md (the final table), gpu_check_pytest.log,
-gen_profile_<variant>.json.gz (Chrome traces of the generation profile, CUDA only).
+gen_profile_<variant>.json.gz and step_profile_<row>.json.gz (Chrome traces of the generation and step profiles,
+CUDA only).
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ SECTIONS = ("environment", "loss_parity", "grad_accumulation", "step_time", "gen
 # Per-section wall-clock limits in seconds (each is also cut to what is left of --budget). On an H200 (2026-11-30)
 # step_time took 29 s and generation 36 s (one round); step_time now adds a torch.compile row (its own limit, step
 # compile_limit below: compiling a 1B Llama with FlexAttention, forward and backward, is expected to take 1-2
-# minutes) and generation three rounds of four variants (about 120 s) plus a profile (about 15 s).
+# minutes) and one profiled step of three of its rows (a few seconds each with their traces), and generation three
+# rounds of four variants (about 120 s) plus a profile (about 15 s).
 SECTION_LIMITS = {"environment": 60, "cuda_tests": 150, "loss_parity": 120, "grad_accumulation": 60,
                   "step_time": 300, "generation": 210}
 DEFAULT_BUDGET_S = 450.0         # bench/gpu_check.sh caps the process at 470 s: under 8 minutes in all
@@ -879,9 +884,11 @@ def section_step_time(ctx: Context):
         scores = score_candidates(m, batch)
         return compute_loss("clha", scores, batch["rewards"].to(scores.sum_logps), batch["sft_index"]).loss
 
-    def run(label: str, batches: List[Dict], step: Callable, warmup: int, module=None) -> Dict[str, Any]:
+    def run(label: str, batches: List[Dict], step: Callable, warmup: int, module=None,
+            profile_as: Optional[str] = None) -> Dict[str, Any]:
         """Warm-up, then the timed steps of `step(module, batch)` (module: the model, or a compiled wrapper of
-        it; the optimizer holds the model's parameters either way)."""
+        it; the optimizer holds the model's parameters either way); with `profile_as`, one more step under
+        torch.profiler (`profile_step`, its trace written as step_profile_<profile_as>.json.gz on CUDA)."""
         module = model if module is None else module
         model.zero_grad(set_to_none=True)         # nothing left over from a method that failed
         free_memory()
@@ -919,6 +926,10 @@ def section_step_time(ctx: Context):
             times.append(time.perf_counter() - t)
         if dev.startswith("cuda"):
             peak = torch.cuda.max_memory_allocated()
+        profiled = None
+        if profile_as:
+            with ctx.part(f"profile_{profile_as}"):    # a failing profile does not lose the timed row
+                profiled = profile_step(ctx, label, profile_as, lambda: one(batches[0]))
         del opt
         model.zero_grad(set_to_none=True)
         free_memory()
@@ -927,6 +938,8 @@ def section_step_time(ctx: Context):
                  mfu_h200=flops / s / H200_BF16_PEAK,
                  mfu_measured=(flops / s / peak_measured) if peak_measured else None, peak_bytes=peak,
                  static_bytes=base_mem, losses=[float(x) for x in losses])
+        if profiled is not None:
+            r["profile"] = profiled
         ctx.data(label, r)
         ctx.figure(f"{label}: s/step", s, "s", "{:.4f}")
         ctx.figure(f"{label}: useful tokens/s", tokens / s, "", "{:,.0f}")
@@ -944,13 +957,13 @@ def section_step_time(ctx: Context):
     with ctx.part("reference"):
         collated, _, _, ref_step, _ = reference_step_fn(tok, w)(examples)
         rows["reference"] = run("reference (one forward per candidate, full log_softmax)",
-                                [to_device(b, dev) for b in collated], ref_step, w["warmup"])
+                                [to_device(b, dev) for b in collated], ref_step, w["warmup"], profile_as="reference")
     with ctx.part("sdpa"):
         set_attention(model, "sdpa")
         batches = [to_device(collator(ex), dev) for ex in examples]
         shapes = [tuple(b["input_ids"].shape) for b in batches]            # (rows, T) of the packed batches
         ctx.figure("packed batches (rows x tokens)", ", ".join(f"{r} x {t}" for r, t in shapes))
-        rows["sdpa"] = run("trainer, SDPA + 4D mask", batches, project_step, w["warmup"])
+        rows["sdpa"] = run("trainer, SDPA + 4D mask", batches, project_step, w["warmup"], profile_as="sdpa")
     with ctx.part("flex_attention"):
         if not cuda_ok(ctx):
             ctx.figure("trainer, FlexAttention", "skipped: no CUDA")
@@ -970,7 +983,7 @@ def section_step_time(ctx: Context):
             ctx.figure("one-row batches (rows x tokens)",
                        ", ".join(f"{r} x {t}" for r, t in (tuple(b["input_ids"].shape) for b in batches)))
             rows["flex_one_row"] = run("trainer, FlexAttention, one row per micro-batch", batches, project_step,
-                                       w["warmup"] + w["distinct"])
+                                       w["warmup"] + w["distinct"], profile_as="flex_one_row")
     ref = rows.get("reference")
 
     def judge(key: str, label: str) -> None:
@@ -1009,6 +1022,67 @@ def section_step_time(ctx: Context):
         compiled_step_row(ctx, model, examples, rows, run, project_step, judge)
     del model
     free_memory()
+
+
+# Kinds of GPU kernel time in a training step, by kernel name (first match wins; the rest is "other").
+STEP_KERNEL_KINDS = (
+    ("matmul", re.compile(r"gemm|cutlass|cublas|nvjet|xmma|s16816|wgmma|splitk", re.IGNORECASE)),
+    ("attention", re.compile(r"flash|fmha|attention|flex|triton_tem|efficient_attention", re.IGNORECASE)),
+    ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.IGNORECASE)),
+    ("copy / cast", re.compile(r"memcpy|memset|copy|cast|to_copy|convert", re.IGNORECASE)),
+)
+
+
+def profile_step(ctx: Context, label: str, name: str, step: Callable[[], Any]) -> Dict[str, Any]:
+    """One training step (forward, backward, optimizer) under torch.profiler: wall time, GPU busy time and its
+    share of the wall (the rest is the GPU waiting for the host), GPU time by kernel kind (`STEP_KERNEL_KINDS`),
+    host syncs and kernel launches, and the top ops by self CUDA / CPU time; on CUDA its Chrome trace is written as
+    step_profile_<name>.json.gz while the section has time to spare. Where the MFU goal is missed this says whether
+    the step waits on the host, on matmuls or on everything around them."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = cuda_ok(ctx)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(ctx.device)
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        step()
+        sync(ctx.device)
+        wall = time.perf_counter() - t
+    events = list(prof.key_averages())
+    res = summarize_profile(events, wall, dict(prefill=0, decode=1), DeviceType.CUDA)
+    kinds: Dict[str, float] = {k: 0.0 for k, _ in STEP_KERNEL_KINDS}
+    kinds["other"] = 0.0
+    for e in events:
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue
+        ms = float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0) / 1e3
+        kind = next((k for k, pattern in STEP_KERNEL_KINDS if pattern.search(e.key)), "other")
+        kinds[kind] += ms
+    out = dict(wall_ms=1e3 * wall, gpu_busy_ms=res["gpu_busy_ms"],
+               gpu_busy_share=res["gpu_busy_ms"] / (1e3 * wall) if wall > 0 else None,
+               gpu_ms_by_kind=kinds, calls=res["calls"], self_cpu_ms=res["self_cpu_ms"],
+               top_self_cuda=res["top_self_cuda"], top_self_cpu=res["top_self_cpu"])
+    ctx.figure(f"{label}: profiled step, wall / GPU busy ms (busy share)",
+               f"{out['wall_ms']:.1f} / {out['gpu_busy_ms']:.1f}"
+               + (f" ({100 * out['gpu_busy_share']:.0f}%)" if cuda and out["gpu_busy_share"] is not None else ""))
+    if cuda:
+        ctx.figure(f"{label}: profiled step, GPU ms by kind",
+                   ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
+    ctx.figure(f"{label}: profiled step, syncs / memcpys / kernel launches",
+               " / ".join(f"{res['calls'][k]:.0f}" for k in ("cudaStreamSynchronize", "cudaMemcpyAsync",
+                                                            "kernel launches (all APIs)")))
+    ctx.log(f"  top {PROFILE_TOP} by self CPU: " + "; ".join(
+        f"{e['name'][:60]} x{e['calls']} {e['self_ms']:.1f} ms" for e in res["top_self_cpu"]))
+    if res["top_self_cuda"]:
+        ctx.log(f"  top {PROFILE_TOP} by self CUDA: " + "; ".join(
+            f"{e['name'][:60]} x{e['calls']} {e['self_ms']:.1f} ms" for e in res["top_self_cuda"]))
+    left = section_time_left()
+    if cuda and (left is None or left > 60):
+        with ctx.part(f"trace_{name}"):
+            write_trace(prof, ctx.out / f"step_profile_{name}.json.gz")
+    del prof
+    return out
 
 
 def compiled_step_row(ctx: Context, model, examples, rows: Dict[str, Dict[str, Any]], run: Callable,

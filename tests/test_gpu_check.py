@@ -48,6 +48,15 @@ def test_tiny_cpu_run_reports_every_section(repo_root, tmp_path):
     ref, sdpa = step["reference (one forward per candidate, full log_softmax)"], step["trainer, SDPA + 4D mask"]
     assert ref["seconds_per_step"] > 0 and sdpa["seconds_per_step"] > 0
     assert all(x == x for x in ref["losses"] + sdpa["losses"])         # finite, no NaN
+    # one more step of each under the profiler (CPU activity only here: no GPU time, no trace)
+    for row in (ref, sdpa):
+        prof = row["profile"]
+        assert prof["wall_ms"] > 0 and prof["gpu_busy_ms"] == 0 and prof["top_self_cuda"] == []
+        assert 0 < len(prof["top_self_cpu"]) <= gpu_check.PROFILE_TOP
+        assert set(prof["gpu_ms_by_kind"]) == {k for k, _ in gpu_check.STEP_KERNEL_KINDS} | {"other"}
+        names = {e["name"] for e in prof["top_self_cpu"]}
+        assert names & {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear"}, names   # the model ran in it
+    assert not list(out.glob("step_profile_*.json.gz"))
     # the compiled row: on the CPU the SDPA step under torch.compile, one graph for both batch lengths
     compiled = step["trainer, SDPA + 4D mask, torch.compile (eager; CPU stand-in)"]
     assert compiled["seconds_per_step"] > 0 and compiled["compile_seconds"] >= 0
