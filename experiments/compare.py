@@ -51,6 +51,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -86,6 +87,10 @@ TRAIN_FLAGS = ("loss_type", "learning_rate", "dpo_beta", "temperature", "sft_wei
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".json", ".txt", ".model")
 MODEL_FILE_EXCLUDE = ("eval_results.json", "training_args.json", "train_log.jsonl", "metrics.jsonl",
                       "reward_training_config.json")
+
+
+# What the data fingerprint does not see: the reward model's path in each row's reward source (see data_fingerprint).
+DATA_FINGERPRINT_SUBSTITUTIONS = ((re.compile(rb'"reward_model:[^"]*"'), b'"reward_model:<train_rm>"'),)
 
 
 class HarnessError(RuntimeError):
@@ -321,20 +326,20 @@ def planned_runs(settings: Dict[str, Any], methods: Sequence[str]) -> List[Tuple
 
 # ============================================================================================== fingerprints
 def files_fingerprint(files: Iterable[Path], root: Optional[Path] = None, length: int = 16,
-                      placeholders: Optional[Dict[str, str]] = None) -> str:
+                      substitutions: Sequence[Tuple["re.Pattern[bytes]", bytes]] = ()) -> str:
     """sha256 over (relative name, bytes) of the files in sorted order, as a short hex string.
 
-    `placeholders` maps a string (e.g. a checkout's absolute path recorded in the files) to a stand-in that is hashed
-    in its place, so that the same content written from another checkout has the same fingerprint."""
+    `substitutions` are (pattern, replacement) applied to each file's bytes before hashing: what the files record
+    that does not change their content (e.g. the absolute path of a model on the machine that wrote them), so that
+    the same content written from another checkout has the same fingerprint."""
     digest = hashlib.sha256()
-    swaps = [(old.encode(), new.encode()) for old, new in (placeholders or {}).items() if old]
     for f in sorted(Path(p) for p in files):
         name = str(f.relative_to(root)) if root else f.name
         digest.update(name.encode() + b"\0")
-        if swaps:
+        if substitutions:
             data = f.read_bytes()
-            for old, new in swaps:
-                data = data.replace(old, new)
+            for pattern, replacement in substitutions:
+                data = pattern.sub(replacement, data)
             digest.update(data)
         else:
             with open(f, "rb") as handle:
@@ -661,11 +666,12 @@ class Harness:
         return out
 
     def data_fingerprint(self) -> str:
-        """Fingerprint of the data files. Each row records where its rewards came from (`meta.reward_source`: the
-        train_rm folder's absolute path), which differs between checkouts: the path is hashed as "<train_rm>", so
-        the same rewards written from another checkout keep the fingerprint (and the results made with them)."""
-        rm_path = json.dumps(str(self.reward_model_path("train_rm")))[1:-1]
-        return files_fingerprint(self.data_files().values(), self.data_dir, placeholders={rm_path: "<train_rm>"})
+        """Fingerprint of the data files. Each row records where its rewards came from (`meta.reward_source`,
+        "reward_model:<absolute path of train_rm>"), which differs between checkouts (train_rm itself is
+        fingerprinted on its own): the path is hashed as "<train_rm>", so the same rewards written from any checkout
+        keep the fingerprint (and the results made with them)."""
+        return files_fingerprint(self.data_files().values(), self.data_dir,
+                                 substitutions=DATA_FINGERPRINT_SUBSTITUTIONS)
 
     def train_subset(self, seed: int) -> Path:
         """The training examples of every run with this seed: a seeded sample of the ranked training file

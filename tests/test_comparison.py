@@ -599,6 +599,10 @@ def test_the_data_fingerprint_does_not_depend_on_the_checkout_that_wrote_the_dat
     write_data(b, 1.25)
     assert str(a.reward_model_path("train_rm")) in a.data_files()["train"].read_text()
     assert a.data_fingerprint() == b.data_fingerprint()
+    # a third checkout reading the data clone_a wrote (a shared work folder) sees the same fingerprint
+    c = harness_at(tmp_path / "clone_c")
+    c.data_dir = a.data_dir
+    assert c.data_fingerprint() == a.data_fingerprint()
     write_data(b, 1.2500001)
     assert a.data_fingerprint() != b.data_fingerprint()
     # plain files_fingerprint (no placeholders) still sees every byte
