@@ -1285,10 +1285,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         harness = Harness(settings, args.experiment, args.work_dir, args.results_dir)
         methods = args.methods or list(settings["methods"])
         runs = planned_runs(settings, methods)
+        # The table names every run of the preset's plan that is missing, also when this command runs a subset
+        # (--methods): a partial pass must not make the table look complete.
+        expected = [run_name(m, s) for m, s in planned_runs(settings, list(settings["methods"]))]
         if args.only_aggregate:
             harness.rewrite_sweep_readme()
-            aggregate.write_report(harness.results, expected=[run_name(m, s) for m, s in runs],
-                                   protocol=protocol(settings))
+            aggregate.write_report(harness.results, expected=expected, protocol=protocol(settings))
             return 0
         if args.dry_run:
             return dry_run(harness, runs, settings["sweep"]["tune"] and not args.no_tune)
@@ -1307,7 +1309,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 harness.tuning = harness.apply_tuning(methods)
                 for method, t in harness.tuning.items():
                     logger.info("%s: tuned on dev: %s (best sweep run %s)", method, t["chosen"], t["best_sweep_run"])
-            expected = [run_name(m, s) for m, s in runs]
             for i, (method, seed) in enumerate(runs, 1):
                 logger.info("=== run %d/%d: %s", i, len(runs), run_name(method, seed))
                 if harness.run_one(method, seed) is not None and i < len(runs):
