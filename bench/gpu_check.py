@@ -1056,7 +1056,7 @@ def profile_step(ctx: Context, label: str, name: str, step: Callable[[], Any]) -
     for e in events:
         if getattr(e, "device_type", None) != DeviceType.CUDA:
             continue
-        ms = float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0) / 1e3
+        ms = device_self(e) / 1e3
         kind = next((k for k, pattern in STEP_KERNEL_KINDS if pattern.search(e.key)), "other")
         kinds[kind] += ms
     out = dict(wall_ms=1e3 * wall, gpu_busy_ms=res["gpu_busy_ms"],
@@ -1072,11 +1072,7 @@ def profile_step(ctx: Context, label: str, name: str, step: Callable[[], Any]) -
     ctx.figure(f"{label}: profiled step, syncs / memcpys / kernel launches",
                " / ".join(f"{res['calls'][k]:.0f}" for k in ("cudaStreamSynchronize", "cudaMemcpyAsync",
                                                             "kernel launches (all APIs)")))
-    ctx.log(f"  top {PROFILE_TOP} by self CPU: " + "; ".join(
-        f"{e['name'][:60]} x{e['calls']} {e['self_ms']:.1f} ms" for e in res["top_self_cpu"]))
-    if res["top_self_cuda"]:
-        ctx.log(f"  top {PROFILE_TOP} by self CUDA: " + "; ".join(
-            f"{e['name'][:60]} x{e['calls']} {e['self_ms']:.1f} ms" for e in res["top_self_cuda"]))
+    log_top_ops(ctx, res)
     left = section_time_left()
     if cuda and (left is None or left > 60):
         with ctx.part(f"trace_{name}"):
@@ -1349,11 +1345,7 @@ def profile_generation(ctx: Context, model, variants, batch: int, new_tokens: in
                            " / ".join(f"{per['calls'][k]:.1f}" for k in ("cudaStreamSynchronize", "cudaMemcpyAsync",
                                                                          "aten::item", "aten::_local_scalar_dense",
                                                                          "kernel launches (all APIs)")))
-                ctx.log(f"  top {PROFILE_TOP} by self CPU: " + "; ".join(
-                    f"{e['name'][:60]} x{e['calls']} {e['self_ms']:.1f} ms" for e in res["top_self_cpu"]))
-                if res["top_self_cuda"]:
-                    ctx.log(f"  top {PROFILE_TOP} by self CUDA: " + "; ".join(
-                        f"{e['name'][:60]} x{e['calls']} {e['self_ms']:.1f} ms" for e in res["top_self_cuda"]))
+                log_top_ops(ctx, res)
                 left = section_time_left()
                 # traces only while the profile part is within PROFILE_TRACE_S and the section has time to spare
                 if cuda and time.monotonic() - started < PROFILE_TRACE_S and (left is None or left > 30):
@@ -1364,11 +1356,22 @@ def profile_generation(ctx: Context, model, variants, batch: int, new_tokens: in
         handle.remove()
 
 
+def device_self(e) -> float:
+    """Self device time of a profiler event in microseconds (the attribute was renamed from self_cuda_time_total)."""
+    return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+
+
+def log_top_ops(ctx: Context, res: Dict[str, Any]) -> None:
+    """Log the top ops by self CPU and (when any ran on the GPU) by self CUDA time of a `summarize_profile` result."""
+    ctx.log(f"  top {PROFILE_TOP} by self CPU: " + "; ".join(
+        f"{e['name'][:60]} x{e['calls']} {e['self_ms']:.1f} ms" for e in res["top_self_cpu"]))
+    if res["top_self_cuda"]:
+        ctx.log(f"  top {PROFILE_TOP} by self CUDA: " + "; ".join(
+            f"{e['name'][:60]} x{e['calls']} {e['self_ms']:.1f} ms" for e in res["top_self_cuda"]))
+
+
 def summarize_profile(events, wall: float, forwards: Dict[str, int], gpu_type) -> Dict[str, Any]:
     """The figures `profile_generation` keeps of one profile (`events`: ``prof.key_averages()``)."""
-    def device_self(e) -> float:       # microseconds (the attribute was renamed from self_cuda_time_total)
-        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
-
     events = list(events)
     steps = max(forwards["decode"], 1)
     on_gpu = [e for e in events if getattr(e, "device_type", None) == gpu_type]
