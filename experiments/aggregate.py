@@ -241,6 +241,8 @@ def summarise(runs: Sequence[Dict[str, Any]], n_boot: int = DEFAULT_BOOTSTRAP,
     for m, rs in groups.items():
         methods[m] = {
             "seeds": [r.get("seed") for r in rs],
+            "per_seed": [{"seed": r.get("seed"), "reward": float(mats[m]["reward"][i].mean()),
+                          "bleu": float(mats[m]["bleu"][i].mean())} for i, r in enumerate(rs)],
             "reward": per_scope(mean_interval, mats[m]["reward"]),
             "bleu": per_scope(mean_interval, mats[m]["bleu"]),
             "words": list(mean_interval(mats[m]["words"], strata, **kw)),
@@ -338,6 +340,20 @@ def render_tables(summary: Dict[str, Any]) -> List[str]:
             out.append(f"| {_title(m)} | {_title(d['against'])} | "
                        + " | ".join(_ci(d["reward"][s], signed=True) for s in scopes)
                        + f" | {_ci(d['bleu']['total'], signed=True)} |")
+    multi = {m: d for m, d in summary["methods"].items() if len(d.get("per_seed") or []) > 1}
+    if multi:
+        out += ["", "## Training seeds", "",
+                "Total reward and BLEU of each training seed on the same test prompts, and the spread of the reward "
+                "(largest minus smallest seed). The intervals above resample the seeds too, but from two or three "
+                "seeds that part of them is rough: the spread shows how much a method's result moves with its "
+                "training seed alone.", "",
+                "| Method | seeds | Reward Total per seed | BLEU Total per seed | Reward spread |", "|---|---|---|---|---:|"]
+        for m, d in multi.items():
+            ps = d["per_seed"]
+            rewards = [p["reward"] for p in ps]
+            out.append(f"| {_title(m)} | {', '.join(str(p['seed']) for p in ps)} "
+                       f"| {', '.join(_f(p['reward']) for p in ps)} | {', '.join(_f(p['bleu']) for p in ps)} "
+                       f"| {_f(max(rewards) - min(rewards))} |")
     out += ["", "## Win rate against SFT, length, truncation, selection", "",
             "Win rate: how often eval_rm prefers the method's response to SFT's on the same prompt (every pair of "
             "seeds; ties count half). Dev reward: train_rm's mean sigmoid on the validation prompts at the selected "

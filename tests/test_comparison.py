@@ -188,6 +188,22 @@ def test_write_report_makes_readme_summary_and_chart(tmp_path, runs):
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_each_training_seed_is_listed_with_its_total_and_the_reward_spread(tmp_path, runs):
+    # SFT seed 2 rewards changed: (20 + 50 + 50 + 60 + 80 + 100) / 6 = 60; seed 1 stays 65; spread 5.
+    # BLEU is reward / 10 here: 6.5 and 6.0. A method with one seed gets no row.
+    runs = [r for r in runs if (r["method"], r["seed"]) != ("sft", 2)]
+    runs.append(make_run("sft", 2, rewards=[20, 50, 50, 60, 80, 100]))
+    runs = [r for r in runs if (r["method"], r["seed"]) != ("clha", 2)]
+    summary = agg.summarise(runs, n_boot=50)
+    assert summary["methods"]["sft"]["per_seed"] == [{"seed": 1, "reward": pytest.approx(65.0),
+                                                      "bleu": pytest.approx(6.5)},
+                                                     {"seed": 2, "reward": pytest.approx(60.0),
+                                                      "bleu": pytest.approx(6.0)}]
+    text = "\n".join(agg.render_tables(summary))
+    assert "| SFT | 1, 2 | 65.00, 60.00 | 6.50, 6.00 | 5.00 |" in text
+    assert "| CLHA | 1 |" not in text.split("## Training seeds")[1].split("##")[0]
+
+
 def test_results_of_older_settings_are_left_out_and_named_not_mixed_in(tmp_path, runs, monkeypatch):
     monkeypatch.setitem(WORDS, ("base", None), [10] * 6)
     monkeypatch.setitem(AT_LIMIT, ("base", None), [0] * 6)
