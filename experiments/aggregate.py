@@ -14,6 +14,11 @@ Pure functions (tested on hand-made results in tests/test_comparison.py) plus a 
 - Win rate of a method against SFT, judged by eval_rm: over every prompt and every pair (method seed, SFT seed),
   100 when the method's reward is higher, 50 on a tie, 0 otherwise; averaged.
 - Length: mean response words; truncation: share of responses that used all new tokens without EOS (%).
+- Length preference of the judge: least-squares slope of eval_rm reward on response words over every response in
+  the table, each prompt's mean removed first (so it compares responses to the same prompt), and the matching
+  correlation. Length-adjusted reward = reward - slope x (words - mean words of all responses): a diagnostic of how
+  much of a difference is length, assuming a linear preference shared by all methods; the slope's own uncertainty
+  is not in its intervals.
 
 Results are only combined when they share the protocol (policy, data, training and evaluation settings), the
 reward-model fingerprints, the policy and data fingerprints, and (within a method) the method's settings.
@@ -203,6 +208,21 @@ def win_rate(xa: np.ndarray, xb: np.ndarray, strata: Sequence[str], **kw) -> Tup
 
 
 # ============================================================================================== the summary
+def length_preference(rewards: np.ndarray, words: np.ndarray) -> Optional[Dict[str, float]]:
+    """How the judge's reward moves with response length, within prompts: rewards and words are [runs, prompts]
+    (every run answers the same prompts). Each prompt's mean over runs is removed from both; the slope is the
+    least-squares fit of reward on words through the origin of those deviations, the correlation theirs. None when
+    the lengths never differ within a prompt (fewer than two runs, or equal lengths)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    w = np.asarray(words, dtype=np.float64)
+    rd, wd = r - r.mean(axis=0), w - w.mean(axis=0)
+    sxx, sxy, syy = float((wd * wd).sum()), float((rd * wd).sum()), float((rd * rd).sum())
+    if r.shape[0] < 2 or sxx == 0.0:
+        return None
+    return {"slope_per_word": sxy / sxx, "within_prompt_correlation": sxy / math.sqrt(sxx * syy) if syy else 0.0,
+            "mean_words": float(w.mean()), "responses": int(r.size)}
+
+
 def shorter_counterpart(method: str, methods: Sequence[str]) -> Optional[str]:
     """The n = 2 method a longer-ranking one extends (clha_n3 -> clha), when it is among `methods`."""
     stem, sep, n = method.rpartition("_n")
@@ -237,6 +257,12 @@ def summarise(runs: Sequence[Dict[str, Any]], n_boot: int = DEFAULT_BOOTSTRAP,
                 for scope, cols in scopes.items()}
 
     mats = {m: {f: matrix(rs, ids, f) for f in ("reward", "bleu", "words", "at_limit")} for m, rs in groups.items()}
+    length = length_preference(np.vstack([mats[m]["reward"] for m in groups]),
+                               np.vstack([mats[m]["words"] for m in groups]))
+    if length:
+        for m in groups:
+            mats[m]["reward_length_adjusted"] = (mats[m]["reward"]
+                                                 - length["slope_per_word"] * (mats[m]["words"] - length["mean_words"]))
     methods: Dict[str, Any] = {}
     for m, rs in groups.items():
         methods[m] = {
@@ -246,6 +272,8 @@ def summarise(runs: Sequence[Dict[str, Any]], n_boot: int = DEFAULT_BOOTSTRAP,
             "reward": per_scope(mean_interval, mats[m]["reward"]),
             "bleu": per_scope(mean_interval, mats[m]["bleu"]),
             "words": list(mean_interval(mats[m]["words"], strata, **kw)),
+            "reward_length_adjusted": (list(mean_interval(mats[m]["reward_length_adjusted"], strata, **kw))
+                                       if length else None),
             "at_limit": list(mean_interval(mats[m]["at_limit"], strata, **kw)),
             "win_vs_sft": (list(win_rate(mats[m]["reward"], mats[WIN_AGAINST]["reward"], strata, **kw))
                            if WIN_AGAINST in mats and m != WIN_AGAINST else None),
@@ -259,6 +287,9 @@ def summarise(runs: Sequence[Dict[str, Any]], n_boot: int = DEFAULT_BOOTSTRAP,
                 differences[m] = {
                     "reward": per_scope(paired_difference, mats[REFERENCE]["reward"], mats[m]["reward"]),
                     "bleu": per_scope(paired_difference, mats[REFERENCE]["bleu"], mats[m]["bleu"]),
+                    "reward_length_adjusted": (list(paired_difference(mats[REFERENCE]["reward_length_adjusted"],
+                                                                      mats[m]["reward_length_adjusted"], strata,
+                                                                      **kw)) if length else None),
                 }
     longer: Dict[str, Any] = {}
     for m in groups:
@@ -268,7 +299,7 @@ def summarise(runs: Sequence[Dict[str, Any]], n_boot: int = DEFAULT_BOOTSTRAP,
                          "reward": per_scope(paired_difference, mats[m]["reward"], mats[shorter]["reward"]),
                          "bleu": per_scope(paired_difference, mats[m]["bleu"], mats[shorter]["bleu"])}
     return {"n_prompts": {scope: len(cols) for scope, cols in scopes.items()}, "n_runs": len(runs),
-            "longer_rankings": longer,
+            "longer_rankings": longer, "length_preference": length,
             "bootstrap": {"samples": n_boot, "rng_seed": seed}, "methods": methods,
             "differences_from": REFERENCE if REFERENCE in mats else None, "differences": differences,
             "win_against": WIN_AGAINST if WIN_AGAINST in mats else None}
@@ -340,6 +371,26 @@ def render_tables(summary: Dict[str, Any]) -> List[str]:
             out.append(f"| {_title(m)} | {_title(d['against'])} | "
                        + " | ".join(_ci(d["reward"][s], signed=True) for s in scopes)
                        + f" | {_ci(d['bleu']['total'], signed=True)} |")
+    length = summary.get("length_preference")
+    if length:
+        ref = summary.get("differences_from")
+        out += ["", "## Reward and response length", "",
+                f"eval_rm prefers longer responses: over the {length['responses']:,} responses of this table, each "
+                f"prompt's mean removed, reward and words correlate at {length['within_prompt_correlation']:.2f} "
+                f"and the reward rises {10 * length['slope_per_word']:+.2f} points per 10 words (least squares). "
+                f"Length-adjusted reward = reward - {length['slope_per_word']:.4f} x (words - "
+                f"{length['mean_words']:.1f}), the mean length of all responses: what a method would score at that "
+                "length if the judge's length preference were linear and the same for every method. A diagnostic, "
+                "not a replacement for the reward: part of a length difference may be real quality, and the "
+                "slope, estimated from these results (it moves as runs are added), is taken as known in the "
+                "intervals.", "",
+                "| Method | words | Reward Total | Length-adjusted reward Total"
+                + (f" | {_title(ref)} minus method, length-adjusted |" if ref else " |"),
+                "|---|---:|---:|---:|" + ("---:|" if ref else "")]
+        for m, d in summary["methods"].items():
+            diff = (summary["differences"].get(m) or {}).get("reward_length_adjusted") if ref else None
+            out.append(f"| {_title(m)} | {_f(d['words'][0], 1)} | {_f(d['reward']['total'][0])} "
+                       f"| {_ci(d['reward_length_adjusted'])}" + (f" | {_ci(diff, signed=True)} |" if ref else " |"))
     multi = {m: d for m, d in summary["methods"].items() if len(d.get("per_seed") or []) > 1}
     if multi:
         out += ["", "## Training seeds", "",

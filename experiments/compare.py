@@ -1041,11 +1041,6 @@ class Harness:
         records = [r for r in (read_json(f) for f in sorted(folder.glob("*.json"))) if r and "method_settings" in r]
         if not records:
             return
-        order = {m: i for i, m in enumerate(self.preset_methods)}
-        records.sort(key=lambda r: (order.get(r["method"], len(order)), r["method_settings"].get("reward_gap_threshold")
-                                    != self.preset_methods.get(r["method"], {}).get("reward_gap_threshold"),
-                                    r["method_settings"].get("reward_gap_threshold") or 0,
-                                    r["method_settings"]["learning_rate"]))
         planned = self.planned_sweep_points([name for name in self.preset_methods
                                              if name != BASE and self.tuned_from(name) == name])
         self.write_sweep_readme(records, max(planned, len(records)))
@@ -1064,6 +1059,13 @@ class Harness:
 
         sw = self.settings["sweep"]
         left = planned - len(records)
+        # one order whoever writes it (a pass, point by point, or --only-aggregate): method, stage, tau, lr
+        order = {m: i for i, m in enumerate(self.preset_methods)}
+        records = sorted(records, key=lambda r: (
+            order.get(r["method"], len(order)),
+            r["method_settings"].get("reward_gap_threshold") != self.preset_methods.get(r["method"], {}).get(
+                "reward_gap_threshold"),
+            r["method_settings"].get("reward_gap_threshold") or 0, r["method_settings"]["learning_rate"]))
         with atomic_write(self.results / "sweep" / "README.md") as handle:
             handle.write(f"# Dev-only sweep: {self.experiment}\n\nTrain reward model's mean sigmoid on the first "
                          f"{sw['dev_prompts']} dev prompts (no test data), at the last of "

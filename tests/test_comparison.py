@@ -204,6 +204,39 @@ def test_each_training_seed_is_listed_with_its_total_and_the_reward_spread(tmp_p
     assert "| CLHA | 1 |" not in text.split("## Training seeds")[1].split("##")[0]
 
 
+def test_the_judges_length_preference_and_length_adjusted_rewards_match_hand_values(monkeypatch):
+    # Every prompt: SFT answers in 10 words, CLHA in 20, base in 30; rewards r0, r0 + 3, r0 + 12 with r0 the prompt's
+    # [40, 50, 60, 70, 80, 90]. Per prompt the means are 20 words and r0 + 5, so the deviations are words
+    # (-10, 0, +10) and reward (-5, -2, +7): slope = (50 + 0 + 70) / (100 + 0 + 100) = 0.6 per word, correlation
+    # 120 / sqrt(78 * 200). Mean words 20; adjusted: SFT 65 + 0.6 * 10 = 71, CLHA 68, base 77 - 0.6 * 10 = 71.
+    r0 = [40, 50, 60, 70, 80, 90]
+    for key, words in ((("sft", 1), 10), (("clha", 1), 20), (("base", None), 30)):
+        monkeypatch.setitem(WORDS, key, [words] * 6)
+        monkeypatch.setitem(AT_LIMIT, key, [0] * 6)
+    runs = [make_run("sft", 1, rewards=r0), make_run("clha", 1, rewards=[r + 3 for r in r0]),
+            make_run("base", None, rewards=[r + 12 for r in r0])]
+    summary = agg.summarise(runs, n_boot=100)
+    length = summary["length_preference"]
+    assert length["slope_per_word"] == pytest.approx(0.6)
+    assert length["within_prompt_correlation"] == pytest.approx(120 / math.sqrt(78 * 200))
+    assert length["mean_words"] == pytest.approx(20.0) and length["responses"] == 18
+    methods = summary["methods"]
+    assert methods["sft"]["reward_length_adjusted"][0] == pytest.approx(71.0)
+    assert methods["clha"]["reward_length_adjusted"][0] == pytest.approx(68.0)
+    assert methods["base"]["reward_length_adjusted"][0] == pytest.approx(71.0)
+    # raw, CLHA is 3 above SFT; adjusted, 3 below, the same on every prompt (a zero-width interval)
+    assert summary["differences"]["sft"]["reward"]["total"][0] == pytest.approx(3.0)
+    assert summary["differences"]["sft"]["reward_length_adjusted"] == pytest.approx([-3.0, -3.0, -3.0])
+    text = "\n".join(agg.render_tables(summary))
+    assert "reward rises +6.00 points per 10 words" in text
+    row = next(line for line in text.splitlines() if line.startswith("| SFT | 10.0 | 65.00 | 71.00 ["))
+    assert row.endswith("| -3.00 [-3.00, -3.00] |")
+    # one run alone: no within-prompt length differences, no adjustment
+    alone = agg.summarise(runs[:1], n_boot=20)
+    assert alone["length_preference"] is None and alone["methods"]["sft"]["reward_length_adjusted"] is None
+    assert "## Reward and response length" not in "\n".join(agg.render_tables(alone))
+
+
 def test_results_of_older_settings_are_left_out_and_named_not_mixed_in(tmp_path, runs, monkeypatch):
     monkeypatch.setitem(WORDS, ("base", None), [10] * 6)
     monkeypatch.setitem(AT_LIMIT, ("base", None), [0] * 6)
@@ -523,6 +556,12 @@ def test_a_best_learning_rate_at_the_grid_edge_extends_the_grid(harness):
                        ("dpo", 1e-4), ("dpo", 1e-3), ("dpo", 2e-3),
                        ("rrhf", 1e-4), ("rrhf", 1e-3), ("rrhf", 5e-5), ("rrhf", 2.5e-5)]   # best at the bottom: halved
     assert (harness.results / "sweep" / "sft_lr0.004_s1.json").is_file()
+    # the README lists rrhf's points by learning rate (the extension points first), as --only-aggregate does
+    text = (harness.results / "sweep" / "README.md").read_text()
+    runs = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| rrhf_")]
+    assert runs == ["rrhf_lr2.5e-05_s1", "rrhf_lr5e-05_s1", "rrhf_lr0.0001_s1", "rrhf_lr0.001_s1"]
+    harness.rewrite_sweep_readme()
+    assert (harness.results / "sweep" / "README.md").read_text() == text
     chosen = harness.apply_tuning(["sft", "dpo", "rrhf"])
     assert s["methods"]["rrhf"]["learning_rate"] == 5e-5 and chosen["rrhf"]["sweep_runs"] == 4
     assert s["methods"]["sft"]["learning_rate"] == 4e-3 and chosen["sft"]["sweep_runs"] == 4
