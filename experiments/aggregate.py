@@ -547,12 +547,18 @@ def plot(summary: Dict[str, Any], path: Path) -> bool:
                              gridspec_kw={"width_ratios": [2, 1][:panels]})
     ax = axes[0][0]
     width = 0.8 / max(len(methods), 1)
+    seed_dots = False
     for k, m in enumerate(methods):
         triples = [summary["methods"][m]["reward"][s] for s in scopes]
         xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(scopes))]
         ys = [t[0] for t in triples]
         err = [[t[0] - t[1] for t in triples], [t[2] - t[0] for t in triples]]
         ax.bar(xs, ys, width, yerr=err, capsize=2, label=_title(m))
+        per_seed = summary["methods"][m].get("per_seed") or []
+        if len(per_seed) > 1 and "total" in scopes:          # each training seed's total, over the Total bar
+            ax.scatter([xs[scopes.index("total")]] * len(per_seed), [p["reward"] for p in per_seed], s=9,
+                       color="black", zorder=3, label=None if seed_dots else "one training seed")
+            seed_dots = True
     lows = [summary["methods"][m]["reward"][s][1] for m in methods for s in scopes]
     highs = [summary["methods"][m]["reward"][s][2] for m in methods for s in scopes]
     ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, max(highs) + 5))
