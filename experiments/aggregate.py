@@ -297,7 +297,10 @@ def summarise(runs: Sequence[Dict[str, Any]], n_boot: int = DEFAULT_BOOTSTRAP,
         if shorter:
             longer[m] = {"against": shorter,
                          "reward": per_scope(paired_difference, mats[m]["reward"], mats[shorter]["reward"]),
-                         "bleu": per_scope(paired_difference, mats[m]["bleu"], mats[shorter]["bleu"])}
+                         "bleu": per_scope(paired_difference, mats[m]["bleu"], mats[shorter]["bleu"]),
+                         "reward_length_adjusted": (list(paired_difference(mats[m]["reward_length_adjusted"],
+                                                                           mats[shorter]["reward_length_adjusted"],
+                                                                           strata, **kw)) if length else None)}
     return {"n_prompts": {scope: len(cols) for scope, cols in scopes.items()}, "n_runs": len(runs),
             "longer_rankings": longer, "length_preference": length,
             "bootstrap": {"samples": n_boot, "rng_seed": seed}, "methods": methods,
@@ -366,11 +369,12 @@ def render_tables(summary: Dict[str, Any]) -> List[str]:
                 "Positive: the longer ranking scores higher. Both train on the same prompts; the longer one adds "
                 "responses sampled from the untrained policy, ranked with the human pair by train_rm.", "",
                 "| Method | against | " + " | ".join(f"Reward {SUBSET_TITLES.get(s, s)}" for s in scopes)
-                + " | BLEU Total |", "|---|---|" + "---:|" * (len(scopes) + 1)]
+                + " | BLEU Total | Reward Total, length-adjusted |", "|---|---|" + "---:|" * (len(scopes) + 2)]
         for m, d in summary["longer_rankings"].items():
             out.append(f"| {_title(m)} | {_title(d['against'])} | "
                        + " | ".join(_ci(d["reward"][s], signed=True) for s in scopes)
-                       + f" | {_ci(d['bleu']['total'], signed=True)} |")
+                       + f" | {_ci(d['bleu']['total'], signed=True)} "
+                       f"| {_ci(d.get('reward_length_adjusted'), signed=True)} |")
     length = summary.get("length_preference")
     if length:
         ref = summary.get("differences_from")

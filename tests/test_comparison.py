@@ -254,7 +254,7 @@ def test_results_of_older_settings_are_left_out_and_named_not_mixed_in(tmp_path,
 
 def test_longer_rankings_are_compared_with_their_n2_method_paired_per_prompt(tmp_path, runs, monkeypatch):
     # clha_n3 (one seed) against clha's two seeds; clha's seed mean per prompt is [55, 45, 65, 75, 85, 95]
-    monkeypatch.setitem(WORDS, ("clha_n3", 1), [30] * 6)
+    monkeypatch.setitem(WORDS, ("clha_n3", 1), [20] * 6)      # clha's seeds: 20 and 40 words
     monkeypatch.setitem(AT_LIMIT, ("clha_n3", 1), [0] * 6)
     n3 = make_run("clha_n3", 1, rewards=[60, 50, 70, 70, 90, 90],
                   candidates_summary={"n": 3, "samples": 12, "rows_in": 6, "rows_out": 6,
@@ -273,6 +273,10 @@ def test_longer_rankings_are_compared_with_their_n2_method_paired_per_prompt(tmp
     assert longer["clha_n3"]["bleu"]["total"][0] == pytest.approx(0.5 / 3)
     lo, hi = longer["clha_n3"]["reward"]["total"][1:]
     assert lo <= 5 / 3 <= hi
+    # length-adjusted: 10 words shorter than clha's seed mean, so 10 x the judge's slope is added
+    slope = summary["length_preference"]["slope_per_word"]
+    assert abs(slope) > 0.01                                   # (negative in this made-up data)
+    assert longer["clha_n3"]["reward_length_adjusted"][0] == pytest.approx(5 / 3 + 10 * slope)
     # it also sits in the table after the ablations, with CLHA minus it among the differences
     assert list(summary["methods"]) == ["sft", "clha", "clha_n3"]
     assert summary["differences"]["clha_n3"]["reward"]["total"][0] == pytest.approx(-5 / 3)
