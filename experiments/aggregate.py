@@ -379,7 +379,8 @@ def render_tables(summary: Dict[str, Any]) -> List[str]:
     if length:
         ref = summary.get("differences_from")
         out += ["", "## Reward and response length", "",
-                f"eval_rm prefers longer responses: over the {length['responses']:,} responses of this table, each "
+                f"eval_rm prefers {'longer' if length['slope_per_word'] > 0 else 'shorter'} responses: over the "
+                f"{length['responses']:,} responses of this table, each "
                 f"prompt's mean removed, reward and words correlate at {length['within_prompt_correlation']:.2f} "
                 f"and the reward rises {10 * length['slope_per_word']:+.2f} points per 10 words (least squares). "
                 f"Length-adjusted reward = reward - {length['slope_per_word']:.4f} x (words - "

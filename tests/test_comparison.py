@@ -228,7 +228,7 @@ def test_the_judges_length_preference_and_length_adjusted_rewards_match_hand_val
     assert summary["differences"]["sft"]["reward"]["total"][0] == pytest.approx(3.0)
     assert summary["differences"]["sft"]["reward_length_adjusted"] == pytest.approx([-3.0, -3.0, -3.0])
     text = "\n".join(agg.render_tables(summary))
-    assert "reward rises +6.00 points per 10 words" in text
+    assert "eval_rm prefers longer responses" in text and "reward rises +6.00 points per 10 words" in text
     row = next(line for line in text.splitlines() if line.startswith("| SFT | 10.0 | 65.00 | 71.00 ["))
     assert row.endswith("| -3.00 [-3.00, -3.00] |")
     # one run alone: no within-prompt length differences, no adjustment
@@ -276,6 +276,7 @@ def test_longer_rankings_are_compared_with_their_n2_method_paired_per_prompt(tmp
     # length-adjusted: 10 words shorter than clha's seed mean, so 10 x the judge's slope is added
     slope = summary["length_preference"]["slope_per_word"]
     assert abs(slope) > 0.01                                   # (negative in this made-up data)
+    assert "eval_rm prefers shorter responses" in "\n".join(agg.render_tables(summary))
     assert longer["clha_n3"]["reward_length_adjusted"][0] == pytest.approx(5 / 3 + 10 * slope)
     # it also sits in the table after the ablations, with CLHA minus it among the differences
     assert list(summary["methods"]) == ["sft", "clha", "clha_n3"]
