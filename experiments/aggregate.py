@@ -256,6 +256,10 @@ def summarise(runs: Sequence[Dict[str, Any]], n_boot: int = DEFAULT_BOOTSTRAP,
         return {scope: list(fn(*[m[:, cols] for m in mats], [strata[c] for c in cols], **kw))
                 for scope, cols in scopes.items()}
 
+    def adjusted_total(fn, *names):
+        """fn over the length-adjusted rewards of these methods on all prompts; None without a length fit."""
+        return list(fn(*[mats[n]["reward_length_adjusted"] for n in names], strata, **kw)) if length else None
+
     mats = {m: {f: matrix(rs, ids, f) for f in ("reward", "bleu", "words", "at_limit")} for m, rs in groups.items()}
     length = length_preference(np.vstack([mats[m]["reward"] for m in groups]),
                                np.vstack([mats[m]["words"] for m in groups]))
@@ -272,8 +276,7 @@ def summarise(runs: Sequence[Dict[str, Any]], n_boot: int = DEFAULT_BOOTSTRAP,
             "reward": per_scope(mean_interval, mats[m]["reward"]),
             "bleu": per_scope(mean_interval, mats[m]["bleu"]),
             "words": list(mean_interval(mats[m]["words"], strata, **kw)),
-            "reward_length_adjusted": (list(mean_interval(mats[m]["reward_length_adjusted"], strata, **kw))
-                                       if length else None),
+            "reward_length_adjusted": adjusted_total(mean_interval, m),
             "at_limit": list(mean_interval(mats[m]["at_limit"], strata, **kw)),
             "win_vs_sft": (list(win_rate(mats[m]["reward"], mats[WIN_AGAINST]["reward"], strata, **kw))
                            if WIN_AGAINST in mats and m != WIN_AGAINST else None),
@@ -287,9 +290,7 @@ def summarise(runs: Sequence[Dict[str, Any]], n_boot: int = DEFAULT_BOOTSTRAP,
                 differences[m] = {
                     "reward": per_scope(paired_difference, mats[REFERENCE]["reward"], mats[m]["reward"]),
                     "bleu": per_scope(paired_difference, mats[REFERENCE]["bleu"], mats[m]["bleu"]),
-                    "reward_length_adjusted": (list(paired_difference(mats[REFERENCE]["reward_length_adjusted"],
-                                                                      mats[m]["reward_length_adjusted"], strata,
-                                                                      **kw)) if length else None),
+                    "reward_length_adjusted": adjusted_total(paired_difference, REFERENCE, m),
                 }
     longer: Dict[str, Any] = {}
     for m in groups:
@@ -298,9 +299,7 @@ def summarise(runs: Sequence[Dict[str, Any]], n_boot: int = DEFAULT_BOOTSTRAP,
             longer[m] = {"against": shorter,
                          "reward": per_scope(paired_difference, mats[m]["reward"], mats[shorter]["reward"]),
                          "bleu": per_scope(paired_difference, mats[m]["bleu"], mats[shorter]["bleu"]),
-                         "reward_length_adjusted": (list(paired_difference(mats[m]["reward_length_adjusted"],
-                                                                           mats[shorter]["reward_length_adjusted"],
-                                                                           strata, **kw)) if length else None)}
+                         "reward_length_adjusted": adjusted_total(paired_difference, m, shorter)}
     return {"n_prompts": {scope: len(cols) for scope, cols in scopes.items()}, "n_runs": len(runs),
             "longer_rankings": longer, "length_preference": length,
             "bootstrap": {"samples": n_boot, "rng_seed": seed}, "methods": methods,
