@@ -24,7 +24,9 @@ Stages, each idempotent (an interrupted command is simply run again):
    (a per-seed sample of the ranked training file, the same for every method), steps, batch and selection rule
    (`best_checkpoint`: the best dev reward by `train_rm`, the untrained step 0 included), resumed with
    `--resume_from_checkpoint latest`; then `eval_hh/run_infer_main_dist.sh` on the first K test prompts of each
-   subset, judged by `eval_rm`; then `results/<experiment>/runs/<run>.json` is written atomically. A run whose
+   subset, judged by `eval_rm` (a run whose selected checkpoint is step 0 and holds exactly the untrained policy
+   takes the current base run's evaluation instead: `untrained_policy_difference`); then
+   `results/<experiment>/runs/<run>.json` is written atomically. A run whose
    JSON exists and matches the current settings and fingerprints is skipped; one whose settings changed is
    redone from scratch (its old checkpoints, logs and evaluation are removed first). A longer-ranking method
    (`clha_n3`, `pro_n3`: `ranking_len` 3) trains on the same sample with one response of the untrained policy
@@ -365,6 +367,68 @@ def is_model_folder(folder: Path) -> bool:
     """A Hugging Face model folder with its weights (what a finished save leaves)."""
     folder = Path(folder)
     return (folder / "config.json").is_file() and (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")))
+
+
+# config entries that name where or how a model was stored, not what it computes
+CONFIG_STORAGE_KEYS = frozenset({"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype",
+                                 "_commit_hash"})
+
+
+def untrained_policy_difference(checkpoint: Path, policy: Path, gguf_file: Optional[str] = None) -> Optional[str]:
+    """None when the saved `checkpoint` generates exactly as the untrained policy (`policy`, optionally its GGUF
+    file) does: every weight equal value for value (a tied weight may be left out of the checkpoint), the same
+    config apart from how it was stored, the same tokenizer vocabulary and special tokens, the same end-of-sequence
+    ids for generation. Otherwise the first difference found, in words."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    checkpoint, kw = Path(checkpoint), ({"gguf_file": gguf_file} if gguf_file else {})
+    shards = sorted(checkpoint.glob("*.safetensors"))
+    if not shards:
+        return f"{checkpoint} holds no *.safetensors weights to compare"
+    ours = {k: v for k, v in AutoConfig.from_pretrained(checkpoint).to_dict().items() if k not in CONFIG_STORAGE_KEYS}
+    theirs = {k: v for k, v in AutoConfig.from_pretrained(policy, **kw).to_dict().items()
+              if k not in CONFIG_STORAGE_KEYS}
+    for k in sorted(set(ours) | set(theirs)):
+        if ours.get(k) != theirs.get(k):
+            return f"config {k}: {ours.get(k)!r} in the checkpoint, {theirs.get(k)!r} in the policy"
+    tok_c, tok_p = AutoTokenizer.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(policy, **kw)
+    if tok_c.get_vocab() != tok_p.get_vocab():
+        return "the tokenizer vocabularies differ"
+    for attr in ("bos_token_id", "eos_token_id", "unk_token_id"):
+        if getattr(tok_c, attr) != getattr(tok_p, attr):
+            return f"tokenizer {attr}: {getattr(tok_c, attr)} in the checkpoint, {getattr(tok_p, attr)} in the policy"
+
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32, **kw)
+    try:
+        saved_generation = GenerationConfig.from_pretrained(checkpoint)
+    except OSError:                                   # no generation_config.json: transformers derives it
+        saved_generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(checkpoint))
+
+    def eos_ids(generation_config):
+        ids = generation_config.eos_token_id
+        return sorted(ids) if isinstance(ids, (list, tuple)) else ids
+
+    if eos_ids(saved_generation) != eos_ids(model.generation_config):
+        return (f"generation eos_token_id: {eos_ids(saved_generation)} in the checkpoint, "
+                f"{eos_ids(model.generation_config)} in the policy")
+    state = model.state_dict()
+    seen = set()
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                if name not in state:
+                    return f"weight {name} of the checkpoint is not in the policy"
+                saved, initial = f.get_tensor(name), state[name]
+                if saved.shape != initial.shape or not torch.equal(saved.float(), initial.float()):
+                    return f"weight {name} differs from the policy's"
+                seen.add(name)
+    stored_ptrs = {state[n].data_ptr() for n in seen}
+    for name in sorted(set(state) - seen):          # left out: only a weight tied to a saved one
+        if state[name].data_ptr() not in stored_ptrs:
+            return f"weight {name} of the policy is missing from the checkpoint"
+    return None
 
 
 def git_info() -> Dict[str, Any]:
@@ -821,10 +885,13 @@ class Harness:
             model_path, gguf = (ckpt / "best_checkpoint").resolve(), None
             if not model_path.is_dir():
                 raise HarnessError(f"{ckpt}/best_checkpoint is missing after training: see {logs}/train_detail.log")
-        start = time.time()
-        self.evaluate(name, model_path, gguf, ev)
-        eval_wall = time.time() - start
-        result = self.build_result(method, seed, key, ev, training, eval_wall, model_path)
+        result = (self.reuse_base_evaluation(method, seed, key, training, model_path)
+                  if method != BASE and training.get("best_step") == 0 else None)
+        if result is None:
+            start = time.time()
+            self.evaluate(name, model_path, gguf, ev)
+            eval_wall = time.time() - start
+            result = self.build_result(method, seed, key, ev, training, eval_wall, model_path)
         write_result(path, result)
         logger.info("%s: wrote %s (reward %.2f, BLEU %.2f over %d prompts)", name, path,
                     result["overall"]["reward"], result["overall"]["bleu"], result["overall"]["n"])
@@ -920,6 +987,35 @@ class Harness:
                    PYTHON=sys.executable, ACCELERATE=_accelerate())
         run_command(["bash", str(REPO / "eval_hh" / "run_infer_main_dist.sh"), name, str(RANKING_LEN)], env)
 
+    def reuse_base_evaluation(self, method: str, seed: Optional[int], key: Dict[str, Any],
+                              training: Dict[str, Any], model_path: Path) -> Optional[Dict[str, Any]]:
+        """The result of a run whose dev selection kept the untrained step 0, made from the base run's evaluation
+        instead of evaluating the same model again: only when the base result is current (same protocol, models
+        and data) and the selected checkpoint holds exactly the untrained policy (`untrained_policy_difference`).
+        None (evaluate as usual) otherwise, saying why."""
+        name = run_name(method, seed)
+        base = read_json(self.result_path(BASE, None))
+        if not result_matches(base, self.run_key(BASE, None)):
+            logger.info("%s: dev selected step 0; no current base result to reuse, evaluating", name)
+            return None
+        start = time.time()
+        policy, gguf = self.policy_location()
+        difference = untrained_policy_difference(model_path, policy, gguf)
+        if difference is not None:
+            logger.info("%s: dev selected step 0 but the checkpoint is not the untrained policy (%s): evaluating",
+                        name, difference)
+            return None
+        logger.info("%s: dev selected step 0, which holds exactly the untrained policy: the base run's "
+                    "evaluation is its result (checked in %.1f s)", name, time.time() - start)
+        evaluation = {**base["evaluation"], "wall_s": round(time.time() - start, 1),
+                      "reused_from": {"run": base["run"], "created": base.get("created"),
+                                      "evaluation_wall_s": base["evaluation"].get("wall_s"),
+                                      "why": "the selected checkpoint (step 0) has the untrained policy's weights, "
+                                             "config and tokenizer"}}
+        measured = {"evaluation": evaluation, "subsets": base["subsets"], "overall": base["overall"],
+                    "examples": base["examples"]}
+        return self.result_record(method, seed, key, training, model_path, measured)
+
     def build_result(self, method: str, seed: Optional[int], key: Dict[str, Any], eval_dir: Path,
                      training: Dict[str, Any], eval_wall_s: float, model_path: Path) -> Dict[str, Any]:
         report = read_json(eval_dir / "report.json")
@@ -934,6 +1030,19 @@ class Harness:
                 "line_num": r["line_num"], "reward": round(r["reward"], 4), "reward_logit": round(r["reward_logit"], 5),
                 "bleu": round(r["bleu"], 4), "words": r["response_words"], "at_limit": r["at_limit"] >= 100.0}
         keep = ("n", "reward", "bleu", "bleu_words", "win", "chosen_reward", "response_words", "at_limit")
+        measured = {
+            "evaluation": {"wall_s": round(eval_wall_s, 1), "num_prompts": len(rows),
+                           "eval_reward_model": report.get("eval_reward_model"),
+                           "same_reward_model": report.get("same_reward_model")},
+            "subsets": {s: {k: m[k] for k in keep} for s, m in report["subsets"].items()},
+            "overall": {k: report["overall"][k] for k in keep},
+            "examples": examples}
+        return self.result_record(method, seed, key, training, model_path, measured)
+
+    def result_record(self, method: str, seed: Optional[int], key: Dict[str, Any], training: Dict[str, Any],
+                      model_path: Path, measured: Dict[str, Any]) -> Dict[str, Any]:
+        """A run's result: its key, provenance and training summary, and `measured` (evaluation, subsets, overall,
+        examples)."""
         folder, gguf = self.policy_location()
         return {
             **key,
@@ -952,12 +1061,7 @@ class Harness:
             "candidates_summary": (self.candidate_summaries.get((seed, ranking_len(self.settings, method)))
                                    if method != BASE and ranking_len(self.settings, method) > RANKING_LEN else None),
             "training": training,
-            "evaluation": {"wall_s": round(eval_wall_s, 1), "num_prompts": len(rows),
-                           "eval_reward_model": report.get("eval_reward_model"),
-                           "same_reward_model": report.get("same_reward_model")},
-            "subsets": {s: {k: m[k] for k in keep} for s, m in report["subsets"].items()},
-            "overall": {k: report["overall"][k] for k in keep},
-            "examples": examples,
+            **measured,
         }
 
     def prune(self, ckpt: Path) -> None:

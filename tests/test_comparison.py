@@ -352,6 +352,105 @@ def test_half_written_results_are_never_read_and_the_run_is_redone(harness):
     assert harness.result_is_current("base", None) and harness.result_is_current("sft", 1)
 
 
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    from clha.testing.tiny import save_tiny_causal_lm
+
+    return Path(save_tiny_causal_lm(tmp_path_factory.mktemp("policy") / "policy", seed=0))
+
+
+def save_step0(policy: Path, out: Path, change=None):
+    """What the trainer saves at step 0: the policy loaded and saved again (`change` edits the model first)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    if change is not None:
+        change(model)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(policy).save_pretrained(out)
+
+
+def test_the_untrained_policy_check_finds_weight_config_and_tokenizer_changes(tiny_policy, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    same = tmp_path / "same"
+    save_step0(tiny_policy, same)
+    assert compare.untrained_policy_difference(same, tiny_policy) is None      # the tied lm_head is not saved
+    assert "lm_head.weight" not in load_file(str(same / "model.safetensors"))
+
+    def nudge(model):
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-6
+    nudged = tmp_path / "nudged"
+    save_step0(tiny_policy, nudged, nudge)
+    assert compare.untrained_policy_difference(nudged, tiny_policy) == \
+        "weight model.layers.1.mlp.down_proj.weight differs from the policy's"
+
+    config = tmp_path / "config"
+    save_step0(tiny_policy, config, lambda m: setattr(m.config, "rms_norm_eps", 0.5))
+    assert compare.untrained_policy_difference(config, tiny_policy).startswith("config rms_norm_eps: 0.5 in the")
+
+    tokenizer = tmp_path / "tokenizer"
+    save_step0(tiny_policy, tokenizer)
+    cfg = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "<|pad|>"
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert compare.untrained_policy_difference(tokenizer, tiny_policy).startswith("tokenizer eos_token_id")
+
+    generation = tmp_path / "generation"
+    save_step0(tiny_policy, generation)
+    gen = json.loads((generation / "generation_config.json").read_text())
+    gen["eos_token_id"] = [gen["eos_token_id"], 7]
+    (generation / "generation_config.json").write_text(json.dumps(gen))
+    assert compare.untrained_policy_difference(generation, tiny_policy).startswith("generation eos_token_id")
+
+
+def test_a_run_that_selects_step0_takes_the_base_evaluation_only_when_it_is_the_untrained_policy(
+        harness, tiny_policy, monkeypatch):
+    calls = []
+    fake_stages(harness, calls)
+    monkeypatch.setattr(harness, "policy_location", lambda: (tiny_policy, None))
+    change = {}
+
+    def train_step0(method, seed, ckpt, logs, key, overrides=None, method_override=None):
+        calls.append(("train", method, seed))
+        save_step0(tiny_policy, ckpt / "step_0", change.get(method))
+        os.symlink("step_0", ckpt / "best_checkpoint")
+        return {"best_step": 0, "best_checkpoint": "step_0"}
+
+    def build_result(method, seed, key, eval_dir, training, eval_wall_s, model_path):
+        reward = {"base": 50.0}.get(method, 40.0)
+        return harness.result_record(method, seed, key, training, model_path, {
+            "evaluation": {"wall_s": 300.0, "num_prompts": 1}, "subsets": {"harmless_base": {"reward": reward}},
+            "overall": {"reward": reward, "bleu": 1.0, "n": 1}, "examples": {"harmless_base/0": {"reward": reward}}})
+
+    harness.train, harness.build_result = train_step0, build_result
+    harness.data_summary = {}
+    # no base result yet: evaluated as usual
+    harness.run_one("sft", 1)
+    assert calls == [("train", "sft", 1), ("evaluate", "sft_s1")]
+    harness.run_one("base", None)
+    base = compare.read_json(harness.result_path("base", None))
+    # with a current base result, a step-0 checkpoint of the untrained policy takes base's evaluation
+    harness.run_one("sft", 2)
+    assert calls[-1] == ("train", "sft", 2)
+    sft2 = compare.read_json(harness.result_path("sft", 2))
+    assert sft2["examples"] == base["examples"] and sft2["overall"] == base["overall"]
+    assert sft2["evaluation"]["reused_from"]["run"] == "base" and sft2["evaluation"]["wall_s"] < 300
+    assert sft2["training"]["best_step"] == 0 and harness.result_is_current("sft", 2)
+    # a step-0 checkpoint that is not the untrained policy is evaluated
+    import torch
+
+    def nudge(model):
+        with torch.no_grad():
+            model.model.norm.weight[0] += 1e-3
+    change["dpo"] = nudge
+    harness.run_one("dpo", 1)
+    assert calls[-2:] == [("train", "dpo", 1), ("evaluate", "dpo_s1")]
+    assert "reused_from" not in compare.read_json(harness.result_path("dpo", 1))["evaluation"]
+
+
 def test_write_result_is_atomic_and_reads_back(tmp_path):
     obj = make_run("clha", 1)
     path = tmp_path / "runs" / "clha_s1.json"
