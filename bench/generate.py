@@ -15,7 +15,9 @@ Reward scoring, same reward model and (prompt, reply) pairs (the chosen and reje
 fixed batches in input order (the reference) vs `RewardScorer.score` (length-sorted batches). Reported: pairs/s.
 
 `--dtype bfloat16` loads the causal LM in bf16 for both pipelines (default float32; the reward model stays in
-float32). `--compare_dtypes` measures instead what bf16 gives this project's generation on the CPU: the same model
+float32). `--dtypes float32,bfloat16` (or `auto`: bfloat16 only where the CPU has bf16 instructions, what `make
+bench` passes) times both pipelines in each dtype in this one run, then reports our bf16 pipeline against the
+reference in float32 and against our float32 one, and how many of our bf16 responses equal our float32 ones. `--compare_dtypes` measures instead what bf16 gives this project's generation on the CPU: the same model
 loaded in float32 and in bfloat16, the same prompts, runs interleaved (fp32, bf16, fp32, bf16, ... --repeats times
 each, default 2 in this mode); reported per dtype: new tokens/s by wall time and by this process's CPU time (the
 median of the runs; CPU time is the fairer measure on a machine shared with other jobs), the bf16/fp32 ratio, how
@@ -123,11 +125,6 @@ def load_scorer(args):
     return HFRewardScorer(rm, rm_tok, name="tiny-llama-rm", max_length=1024)
 
 
-def load_models(args):
-    model, tokenizer = load_lm(args, DTYPES[args.dtype])
-    return model, tokenizer, load_scorer(args)
-
-
 # ----------------------------------------------------------------------------------------------- pipelines
 def reference_generate(model, tokenizer, prompt_texts, batch_size=28, max_new_tokens=128, block_size=512):
     """The reference's generate_pipeline: global padding, fixed batches in input order, prompt removed as text."""
@@ -223,7 +220,9 @@ def bench_generation(model, tokenizer, pairs, args):
                  "stops": stops},
         "identical_responses": sum(a == b for a, b in zip(ref_out, ours)),
     }
+    result["ours"]["responses"] = ours
     result["speedup"] = ref_s / our_s
+    result["new_tokens_speedup"] = result["ours"]["new_tokens_per_s"] / result["reference"]["new_tokens_per_s"]
     return result
 
 
@@ -363,6 +362,10 @@ def main(argv=None) -> int:
                    help=f"torch threads (default: {THREADS_ENV_VAR} when set, else torch's choice)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the causal LM for both pipelines (the reward model stays float32)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma list of causal-LM dtypes, each timed for both pipelines in this run (e.g. "
+                        "float32,bfloat16), or 'auto': float32, plus bfloat16 where the CPU has bf16 instructions; "
+                        "replaces --dtype")
     p.add_argument("--compare_dtypes", action="store_true",
                    help="instead: this project's generation in float32 vs bfloat16 (speed, agreement, reward)")
     p.add_argument("--agree_tokens", type=int, default=32,
@@ -375,8 +378,12 @@ def main(argv=None) -> int:
         args.repeats = 2 if args.compare_dtypes else 1
     if args.repeats < 1 or args.agree_tokens < 1 or args.num_prompts < 1:
         p.error("--repeats, --agree_tokens and --num_prompts must be >= 1")
-    if args.compare_dtypes and args.dtype != "float32":
-        p.error("--compare_dtypes runs both dtypes; do not pass --dtype with it")
+    if args.compare_dtypes and (args.dtype != "float32" or args.dtypes):
+        p.error("--compare_dtypes runs both dtypes; do not pass --dtype or --dtypes with it")
+    try:
+        args.dtype_list = parse_dtypes(args.dtypes) if args.dtypes else [args.dtype]
+    except ValueError as exc:
+        p.error(str(exc))
     if args.out is None:
         args.out = str(REPO / "bench" / "results" / ("generate_dtypes.json" if args.compare_dtypes
                                                      else "generate.json"))
@@ -397,25 +404,40 @@ def main(argv=None) -> int:
         report["dtype_comparison"] = c = compare_dtypes(args, pairs, scorer)
         print_dtype_comparison(c, args)
         return write_report(report, args.out)
-    model, tokenizer, scorer = load_models(args)
+    scorer = load_scorer(args)
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                         f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+                         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                         f"bf16 instructions: {cpu_has_bf16()}",
               "model": args.model or "tiny Llama (clha.testing.tiny, random init)", "gguf_file": args.gguf_file,
-              "dtype": args.dtype, "reward_model": scorer.name, "data": args.data,
+              "dtype": args.dtype_list[0], "dtypes": args.dtype_list, "reward_model": scorer.name, "data": args.data,
               "max_new_tokens": args.max_new_tokens}
-    report["generation"] = g = bench_generation(model, tokenizer, pairs, args)
+    by_dtype = {}
+    for name in args.dtype_list:
+        model, tokenizer = load_lm(args, DTYPES[name])
+        by_dtype[name] = bench_generation(model, tokenizer, pairs, args)
+        del model
+    report["generation"] = g = by_dtype[args.dtype_list[0]]
+    if len(by_dtype) > 1:
+        report["generation_by_dtype"] = by_dtype
+        report["dtype_ratios"] = dtype_ratios(by_dtype)
     print(f"generation: {g['prompts']} prompts (prompt tokens min/mean/max "
           f"{g['prompt_tokens_min_mean_max'][0]}/{g['prompt_tokens_min_mean_max'][1]:.0f}/"
-          f"{g['prompt_tokens_min_mean_max'][2]}), max {args.max_new_tokens} new tokens, {report['model']}, "
-          f"{args.dtype}")
-    print("| pipeline | batch | seconds | prompts/s | new tokens/s | forward calls | positions run |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in ("reference", "ours"):
-        r = g[name]
-        print(f"| {name} | {r['batch_size']} | {r['seconds']:.2f} | {r['prompts_per_s']:.2f} | "
-              f"{r['new_tokens_per_s']:.1f} | {r['forward_calls']} | {r['positions']} |")
-    print(f"speedup {g['speedup']:.2f}x; identical responses {g['identical_responses']}/{g['prompts']}; "
-          f"our stops {g['ours']['stops']}")
+          f"{g['prompt_tokens_min_mean_max'][2]}), max {args.max_new_tokens} new tokens, {report['model']}")
+    print("| dtype | pipeline | batch | seconds | prompts/s | new tokens/s | forward calls | positions run |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, gd in by_dtype.items():
+        for side in ("reference", "ours"):
+            r = gd[side]
+            print(f"| {name} | {side} | {r['batch_size']} | {r['seconds']:.2f} | {r['prompts_per_s']:.2f} | "
+                  f"{r['new_tokens_per_s']:.1f} | {r['forward_calls']} | {r['positions']} |")
+    for name, gd in by_dtype.items():
+        print(f"{name}: speedup {gd['speedup']:.2f}x (new tokens/s {gd['new_tokens_speedup']:.2f}x); identical "
+              f"responses {gd['identical_responses']}/{gd['prompts']}; our stops {gd['ours']['stops']}")
+    if "dtype_ratios" in report:
+        d = report["dtype_ratios"]
+        print(f"ours in {d['fast']} vs the reference in {d['base']}: {d['ours_vs_reference_new_tokens']:.2f}x new "
+              f"tokens/s; ours {d['fast']} vs ours {d['base']}: {d['ours_vs_ours_new_tokens']:.2f}x; our {d['fast']} "
+              f"responses equal to our {d['base']} ones: {d['ours_identical']}/{g['prompts']}")
     if not args.skip_reward:
         report["reward"] = r = bench_reward(scorer, pairs, args)
         print(f"\nreward scoring: {r['pairs']} pairs, batch {r['batch_size']}, {scorer.name}")
@@ -424,6 +446,39 @@ def main(argv=None) -> int:
               f"| length-sorted (ours) | {r['ours']['seconds']:.2f} | {r['ours']['pairs_per_s']:.1f} |")
         print(f"speedup {r['speedup']:.2f}x; max score difference {r['max_score_difference']:.2e}")
     return write_report(report, args.out)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU lists bf16 instructions (avx512_bf16 or amx_bf16 in /proc/cpuinfo; False elsewhere)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def parse_dtypes(text: str):
+    """--dtypes: 'auto' (float32, plus bfloat16 where the CPU has bf16 instructions) or a comma list of dtypes."""
+    if text == "auto":
+        return ["float32"] + (["bfloat16"] if cpu_has_bf16() else [])
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in DTYPES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"--dtypes {text!r}: give 'auto' or distinct names from {', '.join(sorted(DTYPES))}")
+    return names
+
+
+def dtype_ratios(by_dtype):
+    """With float32 and bfloat16 timed in one run: our bf16 pipeline against the reference in float32 and against
+    our float32 one (new tokens/s), and how many of our bf16 responses equal our float32 ones."""
+    base, fast = "float32", "bfloat16"
+    if base not in by_dtype or fast not in by_dtype:
+        base, fast = list(by_dtype)[:2]
+    b, f = by_dtype[base], by_dtype[fast]
+    return {"base": base, "fast": fast,
+            "ours_vs_reference_new_tokens": f["ours"]["new_tokens_per_s"] / b["reference"]["new_tokens_per_s"],
+            "ours_vs_ours_new_tokens": f["ours"]["new_tokens_per_s"] / b["ours"]["new_tokens_per_s"],
+            "ours_identical": sum(x == y for x, y in zip(b["ours"]["responses"], f["ours"]["responses"]))}
 
 
 def write_report(report, path) -> int:
