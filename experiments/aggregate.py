@@ -440,6 +440,17 @@ def render_migrations(runs: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def reused_evaluations(runs: Sequence[Dict[str, Any]]) -> str:
+    """The sentence naming the runs whose result is the base run's evaluation (dev kept step 0, which held exactly
+    the untrained policy), or '' when there are none."""
+    names = sorted(r["run"] for r in runs if ((r.get("evaluation") or {}).get("reused_from") or {}).get("run"))
+    if not names:
+        return ""
+    return (f" Dev kept step 0 for {', '.join(names)}; that checkpoint held exactly the untrained policy (weights, "
+            "config, tokenizer), so the base run's evaluation is its result rather than a second evaluation of the "
+            "same model.")
+
+
 def render_protocol(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> List[str]:
     first = runs[0]
     proto = first["protocol"]
@@ -480,7 +491,7 @@ def render_protocol(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> 
              f"- Selection: validation at step 0 and every {t['validation_every']} steps on the first "
              f"{t['validation_prompts']} dev prompts (greedy, at most {t['validation_max_new_tokens']} new tokens), "
              "scored by `train_rm`; the checkpoint with the best dev reward is evaluated (it may be step 0, the "
-             "untrained model).",
+             "untrained model)." + reused_evaluations(runs),
              f"- Evaluation: the first {e['test_prompts_per_subset'] or 'all'} test prompts of each subset, greedy, "
              f"at most {e['max_new_tokens']} new tokens, block {e['block_size']}, {e['num_processes']} process(es), "
              f"dtype {e['dtype']}, judged by `eval_rm` (input cut to {e['reward_max_length']} tokens).",

@@ -186,6 +186,12 @@ def test_write_report_makes_readme_summary_and_chart(tmp_path, runs):
     assert "## Protocol" in text and "fingerprint `bbbb`" in text
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Dev kept step 0" not in text
+    runs[1]["evaluation"] = {"wall_s": 9.0, "reused_from": {"run": "base"}}          # sft_s2 took base's evaluation
+    write_runs(tmp_path, runs)
+    agg.write_report(tmp_path, expected=["sft_s1", "sft_s2", "clha_s1", "clha_s2"], n_boot=100)
+    text = (tmp_path / "README.md").read_text()
+    assert f"Dev kept step 0 for {runs[1]['run']}; that checkpoint held exactly the untrained policy" in text
 
 
 def test_each_training_seed_is_listed_with_its_total_and_the_reward_spread(tmp_path, runs):
