@@ -1097,12 +1097,13 @@ class Harness:
             if method != BASE and t not in tuned:
                 tuned.append(t)
         records: List[Dict[str, Any]] = []
-        planned = self.planned_sweep_points(tuned)
 
         def point(method: str, lr: float, tau: Optional[float]) -> Dict[str, Any]:
             record = self.sweep_one(method, lr, tau, sw["seed"])
             records.append(record)
-            self.write_sweep_readme(records, planned)     # the table grows point by point
+            # the table grows point by point; it lists every stored point of the experiment, whichever methods this
+            # command sweeps (as --only-aggregate does)
+            self.rewrite_sweep_readme()
             return record
 
         for method in tuned:

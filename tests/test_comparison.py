@@ -532,7 +532,8 @@ def test_dev_sweep_tunes_lr_then_clha_tau_and_the_runs_use_the_choice(harness):
         assert overrides["validation_prompts"] == s["sweep"]["dev_prompts"] and seed == s["sweep"]["seed"]
         if len(trained) == 2:       # the sweep's README already shows the first point and what is left
             text = (harness.results / "sweep" / "README.md").read_text()
-            assert "7 of 8 points still to run" in text and "| sft_lr0.0001_s1 | 0.0001 |" in text
+            # the plan is the preset's whole sweep (5 methods x 3 rates + CLHA's 2 other taus), not this command's
+            assert "16 of 17 points still to run" in text and "| sft_lr0.0001_s1 | 0.0001 |" in text
         return {"validation": [{"step": 0, "dev_reward": 0.45}, {"step": 4, "dev_reward": dev[point]}]}
 
     harness.train = train
@@ -544,7 +545,7 @@ def test_dev_sweep_tunes_lr_then_clha_tau_and_the_runs_use_the_choice(harness):
                        ("clha", 1e-4, 0.1), ("clha", 1e-4, 0.5)]          # tau stage at clha's best rate, 1e-4
     assert len(records) == 8 and (harness.results / "sweep" / "clha_lr0.0001_tau0.5_s1.json").is_file()
     text = (harness.results / "sweep" / "README.md").read_text()
-    assert "still to run" not in text and "- clha: learning_rate 0.0001, reward_gap_threshold 0.5" in text
+    assert "9 of 17 points still to run" in text and "- clha: learning_rate 0.0001, reward_gap_threshold 0.5" in text
     assert harness.sweep(["sft", "clha"]) == records and len(trained) == 8   # finished points are read back
 
     chosen = harness.apply_tuning(["base", "sft", "clha", "clha_nomask", "clha_nogate"])
@@ -672,6 +673,8 @@ def test_a_best_learning_rate_at_the_grid_edge_extends_the_grid(harness):
     assert runs == ["rrhf_lr2.5e-05_s1", "rrhf_lr5e-05_s1", "rrhf_lr0.0001_s1", "rrhf_lr0.001_s1"]
     harness.rewrite_sweep_readme()
     assert (harness.results / "sweep" / "README.md").read_text() == text
+    harness.sweep(["rrhf"])            # a command sweeping one method still lists every stored point
+    assert (harness.results / "sweep" / "README.md").read_text() == text and len(trained) == 11
     chosen = harness.apply_tuning(["sft", "dpo", "rrhf"])
     assert s["methods"]["rrhf"]["learning_rate"] == 5e-5 and chosen["rrhf"]["sweep_runs"] == 4
     assert s["methods"]["sft"]["learning_rate"] == 4e-3 and chosen["sft"]["sweep_runs"] == 4
