@@ -505,17 +505,20 @@ def render_protocol(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> 
     lines += ["", "Hyperparameter names are those of `train/main.py` (learning_rate; dpo_beta: DPO beta; temperature: "
               "PRO temperature; reward_gap_threshold: tau; rank_margin: CLHA margin; sft_weight; "
               "sft_reward_threshold: the adaptive-SFT gate, -inf = always on; tau -1 = every pair kept).", ""]
+    shared: Dict[str, List[str]] = {}          # one candidate file serves every longer-ranking run of its seed
     for r in runs:
-        cs = r.get("candidates_summary")
-        if cs:
-            gap = cs.get("adjacent_reward_gap") or {}
-            lines.append(
-                f"- Rankings of {cs.get('n')} ({r['run']}): {cs.get('samples')} responses sampled for "
-                f"{cs.get('rows_in')} prompts, {cs.get('rows_out')} rows written "
-                f"({cs.get('rows_dropped_fewer_than_n')} dropped with fewer than {cs.get('n')} distinct candidates); "
-                f"a sample outranks the human chosen reply for {_pct(cs.get('sample_outranks_human_chosen'))} of "
-                f"the prompts and is the best candidate of {_pct(cs.get('best_is_policy'))} of the rows; median "
-                f"train_rm gap between adjacent ranks {gap.get('median', '?')}.")
+        if r.get("candidates_summary"):
+            shared.setdefault(json.dumps(r["candidates_summary"], sort_keys=True), []).append(r["run"])
+    for summary_json, names in shared.items():
+        cs = json.loads(summary_json)
+        gap = cs.get("adjacent_reward_gap") or {}
+        lines.append(
+            f"- Rankings of {cs.get('n')} ({', '.join(names)}): {cs.get('samples')} responses sampled for "
+            f"{cs.get('rows_in')} prompts, {cs.get('rows_out')} rows written "
+            f"({cs.get('rows_dropped_fewer_than_n')} dropped with fewer than {cs.get('n')} distinct candidates); "
+            f"a sample outranks the human chosen reply for {_pct(cs.get('sample_outranks_human_chosen'))} of "
+            f"the prompts and is the best candidate of {_pct(cs.get('best_is_policy'))} of the rows; median "
+            f"train_rm gap between adjacent ranks {gap.get('median', '?')}.")
     lines += [f"- Code: git commit(s) {', '.join(f'`{c}`' for c in commits)}.",
               f"- Machine(s): {'; '.join(machines)}."]
     if train_wall:

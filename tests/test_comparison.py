@@ -292,6 +292,10 @@ def test_longer_rankings_are_compared_with_their_n2_method_paired_per_prompt(tmp
     text = (tmp_path / "README.md").read_text()
     assert "## Longer rankings" in text and "| CLHA, rankings of 3 | CLHA | +5.00 [" in text
     assert "a sample outranks the human chosen reply for 50.0% of the prompts" in text
+    # runs sharing one candidate file (clha_n3 and pro_n3 of a seed) are named on one line
+    twin = {**n3, "run": "pro_n3_s1"}
+    lines = [line for line in agg.render_protocol(runs + [n3, twin], summary) if line.startswith("- Rankings of 3")]
+    assert len(lines) == 1 and lines[0].startswith("- Rankings of 3 (clha_n3_s1, pro_n3_s1): 12 responses")
 
 
 # ------------------------------------------------------------------------------------------------ the harness
