@@ -145,7 +145,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "eval": {"test_prompts_per_subset": 100, "max_new_tokens": 128, "num_processes": 2, "gen_batch_size": 28,
                  "reward_batch_size": 16, "block_size": 512, "reward_max_length": 1024, "dtype": "float32"},
         "seeds": [1, 2, 3],
-        "ablation_seeds": [1, 2],
+        "ablation_seeds": [1, 2, 3],
         "longer_ranking_seeds": [1, 2],
         "methods": _methods(2e-5),
         # a method whose best learning rate is the largest (smallest) tried is tried at 2x (1/2) it, up to twice
