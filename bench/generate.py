@@ -360,8 +360,8 @@ def main(argv=None) -> int:
                         "per dtype, interleaved, the median is reported (default 2)")
     p.add_argument("--threads", type=int, default=None,
                    help=f"torch threads (default: {THREADS_ENV_VAR} when set, else torch's choice)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                   help="dtype of the causal LM for both pipelines (the reward model stays float32)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the causal LM for both pipelines (default float32; the reward model stays float32)")
     p.add_argument("--dtypes", default=None,
                    help="comma list of causal-LM dtypes, each timed for both pipelines in this run (e.g. "
                         "float32,bfloat16), or 'auto': float32, plus bfloat16 where the CPU has bf16 instructions; "
@@ -378,10 +378,12 @@ def main(argv=None) -> int:
         args.repeats = 2 if args.compare_dtypes else 1
     if args.repeats < 1 or args.agree_tokens < 1 or args.num_prompts < 1:
         p.error("--repeats, --agree_tokens and --num_prompts must be >= 1")
-    if args.compare_dtypes and (args.dtype != "float32" or args.dtypes):
+    if args.compare_dtypes and (args.dtype or args.dtypes):
         p.error("--compare_dtypes runs both dtypes; do not pass --dtype or --dtypes with it")
+    if args.dtype and args.dtypes:
+        p.error("give --dtype or --dtypes, not both (with make bench: BENCH_GEN_DTYPES=bfloat16)")
     try:
-        args.dtype_list = parse_dtypes(args.dtypes) if args.dtypes else [args.dtype]
+        args.dtype_list = parse_dtypes(args.dtypes) if args.dtypes else [args.dtype or "float32"]
     except ValueError as exc:
         p.error(str(exc))
     if args.out is None:

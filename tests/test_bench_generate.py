@@ -48,3 +48,11 @@ def test_both_dtypes_run_in_one_report_on_the_tiny_model(tmp_path, capsys):
         bf16["ours"]["new_tokens_per_s"] / fp32["reference"]["new_tokens_per_s"])
     printed = capsys.readouterr().out
     assert "| bfloat16 | ours |" in printed and "ours in bfloat16 vs the reference in float32" in printed
+
+
+def test_dtype_and_dtypes_together_are_refused(capsys):
+    for argv in (["--dtype", "bfloat16", "--dtypes", "auto"], ["--compare_dtypes", "--dtypes", "float32"],
+                 ["--compare_dtypes", "--dtype", "float32"]):
+        with pytest.raises(SystemExit):
+            bench_gen.main(argv + ["--num_prompts", "1"])
+    assert "not both" in capsys.readouterr().err
