@@ -146,7 +146,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                  "reward_batch_size": 16, "block_size": 512, "reward_max_length": 1024, "dtype": "float32"},
         "seeds": [1, 2, 3],
         "ablation_seeds": [1, 2, 3],
-        "longer_ranking_seeds": [1, 2],
+        "longer_ranking_seeds": [1, 2, 3],
         "methods": _methods(2e-5),
         # a method whose best learning rate is the largest (smallest) tried is tried at 2x (1/2) it, up to twice
         "sweep": {"tune": True, "learning_rates": [5e-6, 2e-5, 5e-5, 1e-4], "extend_edges": 2, "taus": [0.1, 0.2, 0.3],
