@@ -481,7 +481,7 @@ def test_settings_overrides_and_plan():
         compare.resolve_settings("cpu", ["train.max_steps=3"])
     runs = compare.planned_runs(s, ["base", "sft", "clha", "clha_nogate"])
     assert runs == [("base", None), ("sft", 1), ("clha", 1), ("sft", 2), ("clha", 2), ("sft", 3), ("clha", 3),
-                    ("clha_nogate", 1), ("clha_nogate", 2)]
+                    ("clha_nogate", 1), ("clha_nogate", 2), ("clha_nogate", 3)]
     with pytest.raises(compare.HarnessError, match="unknown method"):
         compare.planned_runs(s, ["ppo"])
 
