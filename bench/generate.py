@@ -17,7 +17,8 @@ fixed batches in input order (the reference) vs `RewardScorer.score` (length-sor
 `--dtype bfloat16` loads the causal LM in bf16 for both pipelines (default float32; the reward model stays in
 float32). `--dtypes float32,bfloat16` (or `auto`: bfloat16 only where the CPU has bf16 instructions, what `make
 bench` passes) times both pipelines in each dtype in this one run, then reports our bf16 pipeline against the
-reference in float32 and against our float32 one, and how many of our bf16 responses equal our float32 ones. `--compare_dtypes` measures instead what bf16 gives this project's generation on the CPU: the same model
+reference in float32 and against our float32 one, and how many of our bf16 responses equal our float32 ones.
+`--compare_dtypes` measures instead what bf16 gives this project's generation on the CPU: the same model
 loaded in float32 and in bfloat16, the same prompts, runs interleaved (fp32, bf16, fp32, bf16, ... --repeats times
 each, default 2 in this mode); reported per dtype: new tokens/s by wall time and by this process's CPU time (the
 median of the runs; CPU time is the fairer measure on a machine shared with other jobs), the bf16/fp32 ratio, how
@@ -473,9 +474,7 @@ def parse_dtypes(text: str):
 def dtype_ratios(by_dtype):
     """With float32 and bfloat16 timed in one run: our bf16 pipeline against the reference in float32 and against
     our float32 one (new tokens/s), and how many of our bf16 responses equal our float32 ones."""
-    base, fast = "float32", "bfloat16"
-    if base not in by_dtype or fast not in by_dtype:
-        base, fast = list(by_dtype)[:2]
+    base, fast = "float32", "bfloat16"                # the only two DTYPES: both are here when this is called
     b, f = by_dtype[base], by_dtype[fast]
     return {"base": base, "fast": fast,
             "ours_vs_reference_new_tokens": f["ours"]["new_tokens_per_s"] / b["reference"]["new_tokens_per_s"],

@@ -505,12 +505,12 @@ def render_protocol(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> 
     lines += ["", "Hyperparameter names are those of `train/main.py` (learning_rate; dpo_beta: DPO beta; temperature: "
               "PRO temperature; reward_gap_threshold: tau; rank_margin: CLHA margin; sft_weight; "
               "sft_reward_threshold: the adaptive-SFT gate, -inf = always on; tau -1 = every pair kept).", ""]
-    shared: Dict[str, List[str]] = {}          # one candidate file serves every longer-ranking run of its seed
+    shared: Dict[str, Tuple[Dict[str, Any], List[str]]] = {}   # one candidate file serves every n > 2 run of a seed
     for r in runs:
         if r.get("candidates_summary"):
-            shared.setdefault(json.dumps(r["candidates_summary"], sort_keys=True), []).append(r["run"])
-    for summary_json, names in shared.items():
-        cs = json.loads(summary_json)
+            key = json.dumps(r["candidates_summary"], sort_keys=True)
+            shared.setdefault(key, (r["candidates_summary"], []))[1].append(r["run"])
+    for cs, names in shared.values():
         gap = cs.get("adjacent_reward_gap") or {}
         lines.append(
             f"- Rankings of {cs.get('n')} ({', '.join(names)}): {cs.get('samples')} responses sampled for "

@@ -387,9 +387,12 @@ def untrained_policy_difference(checkpoint: Path, policy: Path, gguf_file: Optio
     shards = sorted(checkpoint.glob("*.safetensors"))
     if not shards:
         return f"{checkpoint} holds no *.safetensors weights to compare"
-    ours = {k: v for k, v in AutoConfig.from_pretrained(checkpoint).to_dict().items() if k not in CONFIG_STORAGE_KEYS}
-    theirs = {k: v for k, v in AutoConfig.from_pretrained(policy, **kw).to_dict().items()
-              if k not in CONFIG_STORAGE_KEYS}
+    saved_config = AutoConfig.from_pretrained(checkpoint)
+
+    def computing(config):                            # the entries that shape what the model computes
+        return {k: v for k, v in config.to_dict().items() if k not in CONFIG_STORAGE_KEYS}
+
+    ours, theirs = computing(saved_config), computing(AutoConfig.from_pretrained(policy, **kw))
     for k in sorted(set(ours) | set(theirs)):
         if ours.get(k) != theirs.get(k):
             return f"config {k}: {ours.get(k)!r} in the checkpoint, {theirs.get(k)!r} in the policy"
@@ -404,7 +407,7 @@ def untrained_policy_difference(checkpoint: Path, policy: Path, gguf_file: Optio
     try:
         saved_generation = GenerationConfig.from_pretrained(checkpoint)
     except OSError:                                   # no generation_config.json: transformers derives it
-        saved_generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(checkpoint))
+        saved_generation = GenerationConfig.from_model_config(saved_config)
 
     def eos_ids(generation_config):
         ids = generation_config.eos_token_id
